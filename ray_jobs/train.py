@@ -1,0 +1,32 @@
+"""Training job: ``python ray_jobs/train.py [--config FILE] [key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any cwd
+
+from rayvit.cli import parse_config, run_cli
+from rayvit.run import run_training
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def _main() -> None:
+        cfg = parse_config(argv, DEFAULT_CONFIG, "Fine-tune a ViT with Ray Train and export the best model.")
+        summary = run_training(cfg)
+        state = "already finished" if summary.resumed_finished else "exported"
+        print(
+            f"{state}: {summary.best_dir}  test_accuracy {summary.metrics.get('test_accuracy', float('nan')):.4f}  "
+            f"val_accuracy {summary.metrics.get('val_accuracy', float('nan')):.4f}",
+            flush=True,
+        )
+
+    run_cli(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Checkpoint and export folders that describe themselves.
+
+A training checkpoint is ``model/`` (an HF ``save_pretrained`` folder with its
+``preprocessor_config.json``), ``training_state.pt`` (optimizer, scheduler,
+epoch), ``config.yaml`` and ``metrics.json``. The exported model folder is the
+``model/`` part of the best checkpoint plus ``metrics.json`` and ``config.yaml``:
+serving needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import ViTForImageClassification
+
+from rayvit.config import Config
+from rayvit.errors import UserError
+from rayvit.preprocess import Preprocessor
+
+MODEL_DIR = "model"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically so a crash never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model_folder(model: ViTForImageClassification, pre: Preprocessor, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_json(folder / PROCESSOR_FILE, pre.processor_config())
+
+
+def save_training_checkpoint(
+    folder: Path,
+    model: ViTForImageClassification,
+    pre: Preprocessor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    metrics: dict[str, Any],
+    cfg: Config,
+) -> None:
+    save_model_folder(model, pre, folder / MODEL_DIR)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "elapsed_s": float(metrics.get("elapsed_s", 0.0)),
+        },
+        folder / STATE_FILE,
+    )
+    (folder / CONFIG_FILE).write_text(cfg.to_yaml())
+    write_json(folder / METRICS_FILE, metrics)
+
+
+def export_model(checkpoint_dir: Path, dest: Path, metrics: dict[str, Any], extra_files: list[Path]) -> Path:
+    """Copy the checkpoint's model folder to ``dest`` with metrics; atomic rename.
+
+    ``metrics.json`` is written last inside a temporary folder that is renamed
+    into place, so a folder named ``dest`` is always complete.
+    """
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / MODEL_DIR, tmp)
+    shutil.copy2(checkpoint_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+    for f in extra_files:
+        shutil.copy2(f, tmp / f.name)
+    write_json(tmp / METRICS_FILE, metrics)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """Fail with one line naming the path unless it is a complete exported model."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {path}")
+    missing = [n for n in ("config.json", "model.safetensors", PROCESSOR_FILE) if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model folder {path}: config.json is not valid JSON ({exc})") from exc
+    if not cfg.get("id2label"):
+        raise UserError(f"model folder {path}: config.json has no id2label")
+    return path
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    f = Path(folder) / METRICS_FILE
+    return dict(json.loads(f.read_text())) if f.is_file() else {}

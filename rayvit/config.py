@@ -1,0 +1,182 @@
+"""One typed configuration for training, tuning and serving.
+
+YAML files and dotted ``key=value`` overrides are merged with OmegaConf, then
+validated by pydantic models that forbid unknown keys. The validated object is
+what flows to every Ray worker and what is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayvit.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = "uoft-cs/cifar10"
+    """Hub data set id, a local folder in hub layout, or an imagefolder."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    train_limit: int | None = Field(None, ge=1)
+    val_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    image_column: str | None = None
+    """Column with the images; null = the first ``Image`` feature."""
+    label_column: str | None = None
+    """Column with the labels; null = the first ``ClassLabel`` feature."""
+    cache_dir: str | None = "~/.cache/rayvit"
+    """Where decoded uint8 arrays are cached (keyed by the data fingerprint); null = off."""
+
+
+class ModelConfig(_Section):
+    pretrained: str | None = "google/vit-base-patch16-224-in21k"
+    """Hub id or local folder to fine-tune; null = train from scratch."""
+    image_size: int = Field(224, ge=8)
+    patch_size: int = Field(16, ge=1)
+    hidden_size: int = Field(768, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_dim: int = Field(3072, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    image_mean: list[float] | None = None
+    """Normalization mean; null = the pretrained processor's, else 0.5."""
+    image_std: list[float] | None = None
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Per worker."""
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    augment: bool = True
+    """Random crop (padding 1/8 of the side) and horizontal flip."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast on GPU, fp32 on CPU."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per worker; null = the worker's CPU count."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Best k checkpoints kept by validation accuracy (the latest is always kept)."""
+    max_failures: int = Field(3, ge=-1)
+    inject_fault_epoch: int | None = Field(None, ge=1)
+    """Chaos testing: rank 1 (or 0) dies once, after this epoch's checkpoint."""
+
+
+class ScalingSection(_Section):
+    num_workers: int | Literal["auto"] = "auto"
+    """auto = one per GPU in the cluster, else one CPU worker."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    check_resources: bool = True
+    """Fail fast when the cluster cannot place the workers (off for autoscaling clusters)."""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """null = connect to a running cluster or start a local one."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local cluster started by the job; null = all cores."""
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSection = ScalingSection()
+    ray: RayConfig = RayConfig()
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    # A union failure carries the member's name after the key: keep only real keys.
+    parts: list[str] = []
+    model: type[BaseModel] | None = Config
+    for p in e["loc"]:
+        if model is None or str(p) not in model.model_fields:
+            if e["type"] == "extra_forbidden":
+                parts.append(str(p))
+            break
+        parts.append(str(p))
+        ann = model.model_fields[str(p)].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    key = ".".join(parts) or "config"
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'{_closest(key)}"
+    return f"invalid value for '{key}': {e['msg']} (got {e.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config from defaults, an optional YAML file and dotted overrides.
+
+    Raises ``UserError`` with a one-line message naming the offending key or file.
+    """
+    layers: list[Any] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = OmegaConf.load(p)
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise UserError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not OmegaConf.is_dict(loaded):
+            raise UserError(f"config file {p} must hold a mapping at the top level")
+        layers.append(loaded)
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' must look like key=value (e.g. train.lr=1e-4)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"cannot merge config: {exc}") from exc
+    return config_from_dict({str(k): v for k, v in raw.items()} if isinstance(raw, dict) else {})
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict (e.g. one saved next to a checkpoint)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc)) from exc

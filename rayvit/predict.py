@@ -1,0 +1,90 @@
+"""Inference from an exported model folder: used by evaluation and serving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import ViTForImageClassification
+
+from rayvit.checkpoint import PROCESSOR_FILE, check_model_folder, read_metrics
+from rayvit.preprocess import Preprocessor, preprocess_arrays
+
+
+def pick_device(prefer_gpu: bool = True) -> torch.device:
+    """The accelerator when there is one, else the CPU; never hard-coded."""
+    if prefer_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+
+class Predictor:
+    """Loads ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``."""
+
+    def __init__(self, model_dir: str | Path, device: torch.device | None = None) -> None:
+        self.path = check_model_folder(model_dir)
+        self.device = device or pick_device()
+        model = ViTForImageClassification.from_pretrained(self.path)
+        self.model: torch.nn.Module = model.to(self.device).eval()  # type: ignore[arg-type]
+        proc = json.loads((self.path / PROCESSOR_FILE).read_text())
+        self.pre = Preprocessor.from_processor_config(proc)
+        id2label = self.model.config.id2label
+        self.labels = [id2label[i] for i in range(len(id2label))]
+        self.metrics: dict[str, Any] = read_metrics(self.path)
+
+    @torch.inference_mode()
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        use_bf16 = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out: torch.Tensor = self.model(pixel_values=pixel_values.to(self.device)).logits
+        return out.float()
+
+    def probabilities(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """``(N, num_labels)`` softmax probabilities for uint8 ``(H, W, 3)`` images."""
+        return torch.softmax(self.logits(preprocess_arrays(self.pre, arrays, self.device)), dim=-1).cpu()
+
+    def predict(self, arrays: list[np.ndarray], top_k: int = 3) -> list[Prediction]:
+        probs = self.probabilities(arrays)
+        k = max(1, min(top_k, probs.shape[1]))
+        values, indices = probs.topk(k, dim=-1)
+        out = []
+        for vals, idxs in zip(values.tolist(), indices.tolist(), strict=True):
+            pairs = [(self.labels[i], float(v)) for v, i in zip(vals, idxs, strict=True)]
+            out.append(Prediction(pairs[0][0], pairs[0][1], pairs))
+        return out
+
+
+@torch.inference_mode()
+def evaluate_arrays(
+    model: torch.nn.Module,
+    pre: Preprocessor,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[float, float, np.ndarray]:
+    """Loss, accuracy and predictions over arrays, in fixed-size batches."""
+    model.eval()
+    loss_sum, preds = 0.0, []
+    use_bf16 = device.type == "cuda"
+    for i in range(0, len(labels), batch_size):
+        x = pre(torch.from_numpy(images[i : i + batch_size]).to(device))
+        y = torch.from_numpy(labels[i : i + batch_size]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(pixel_values=x).logits.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        preds.append(logits.argmax(-1).cpu().numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    n = max(1, len(labels))
+    return loss_sum / n, float((pred == labels).mean()) if len(labels) else 0.0, pred

@@ -1,0 +1,227 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+Each worker gets the config (unchanged, as a dict) and object-store references
+to the uint8 train/val arrays; it reads only its shard of each epoch, reduces
+metrics over all workers, and rank 0 reports a full checkpoint every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rayvit.checkpoint import (
+    MODEL_DIR,
+    STATE_FILE,
+    save_training_checkpoint,
+)
+from rayvit.config import Config, config_from_dict
+from rayvit.logs import quiet_libraries
+from rayvit.model import build_model
+from rayvit.preprocess import Preprocessor
+
+FAULT_MARKER = ".fault_injected"
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Any:
+    """LR multiplier: linear warmup, then cosine decay to zero."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, embeddings' tokens (1-D or token params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(("cls_token", "position_embeddings")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def worker_threads(cfg: Config) -> int:
+    return cfg.train.num_threads or max(1, int(cfg.scaling.cpus_per_worker))
+
+
+def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return [float(v) for v in t.tolist()]
+
+
+def _maybe_inject_fault(cfg: Config, run_dir: Path, epoch: int, rank: int, world: int) -> None:
+    """Chaos test hook: the last rank dies once, right after an epoch's checkpoint."""
+    if cfg.train.inject_fault_epoch != epoch or rank != world - 1:
+        return
+    marker = run_dir / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"worker rank {rank} killed after epoch {epoch}\n")
+    print(f"[fault injection] killing worker rank {rank} after epoch {epoch}", flush=True)
+    os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    quiet_libraries()
+    cfg = config_from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    pre = Preprocessor(cfg.model.image_size, tuple(loop_config["mean"]), tuple(loop_config["std"]))
+    class_names: list[str] = loop_config["class_names"]
+    train_x, train_y = ray.get(loop_config["train_images"]), ray.get(loop_config["train_labels"])
+    val_x, val_y = ray.get(loop_config["val_images"]), ray.get(loop_config["val_labels"])
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(worker_threads(cfg))
+    torch.manual_seed(cfg.seed)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+    model = build_model(cfg.model, class_names)
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / MODEL_DIR / "model.safetensors")))
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    ddp_model: torch.nn.Module = ray.train.torch.prepare_model(model)
+
+    per_rank = len(train_y) // world
+    bs = cfg.train.batch_size
+    steps_per_epoch = max(1, math.ceil(per_rank / bs))
+    optimizer = torch.optim.AdamW(param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps_per_epoch * cfg.train.epochs, cfg.train.warmup_fraction)
+    )
+    start_epoch, elapsed_before = 1, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        if rank == 0:
+            print(f"resuming from checkpoint after epoch {state['epoch']}", flush=True)
+
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        # Same permutation on every rank; each rank reads only its strided shard.
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_y))
+        shard = perm[rank::world][:per_rank]
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
+        ddp_model.train()
+        loss_sum = torch.zeros((), device=device)
+        t0 = time.perf_counter()
+        for step in range(steps_per_epoch):
+            idx = np.sort(shard[step * bs : (step + 1) * bs])
+            x = torch.from_numpy(train_x[idx]).to(device, non_blocking=True)
+            y = torch.from_numpy(train_y[idx]).to(device, non_blocking=True)
+            x = pre(x, train=cfg.train.augment, generator=gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = ddp_model(pixel_values=x).logits
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.perf_counter() - t0
+
+        val_loss, val_correct, val_n = _evaluate_shard(
+            model, pre, val_x, val_y, rank, world, cfg.train.eval_batch_size, device, use_bf16
+        )
+        total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
+            [float(loss_sum), per_rank * 1.0, val_loss, val_correct, val_n], device
+        )
+        (max_time,) = _all_reduce([train_time], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total_loss / max(1.0, seen),
+            "val_loss": v_loss / max(1.0, v_n),
+            "val_accuracy": v_correct / max(1.0, v_n),
+            "images_per_s": seen / max(1e-9, max_time),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "elapsed_s": elapsed,
+        }
+        if rank == 0:
+            print(
+                f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+                f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+                f"{metrics['images_per_s']:.0f} img/s  elapsed {elapsed:.0f}s",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory(prefix="rayvit-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                save_training_checkpoint(
+                    Path(tmp),
+                    model,
+                    pre,
+                    optimizer,
+                    scheduler,
+                    epoch,
+                    metrics,
+                    cfg,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
+
+
+@torch.inference_mode()
+def _evaluate_shard(
+    model: torch.nn.Module,
+    pre: Preprocessor,
+    x_all: np.ndarray,
+    y_all: np.ndarray,
+    rank: int,
+    world: int,
+    batch_size: int,
+    device: torch.device,
+    use_bf16: bool,
+) -> tuple[float, float, float]:
+    """Summed loss, correct count and count over this rank's strided slice of the data."""
+    model.eval()
+    idx_all = np.arange(rank, len(y_all), world)
+    loss_sum, correct = 0.0, 0.0
+    for i in range(0, len(idx_all), batch_size):
+        idx = idx_all[i : i + batch_size]
+        x = pre(torch.from_numpy(x_all[idx]).to(device))
+        y = torch.from_numpy(y_all[idx]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(pixel_values=x).logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += float((logits.argmax(-1) == y).sum())
+    return loss_sum, correct, float(len(idx_all))

@@ -1,0 +1,66 @@
+"""Shared fixtures: the real CIFAR-10 copy, a shrunk quick config, one local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rayvit.config import Config, load_config  # noqa: E402
+
+DATA_DIR = Path(os.environ.get("RAYVIT_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10")).resolve()
+
+# The quick recipe, shrunk: tiny ViT, a few hundred images, one epoch, 2 workers on 2 logical CPUs.
+TINY = [
+    f"data.path={DATA_DIR}",
+    "data.train_limit=320",
+    "data.val_limit=128",
+    "data.test_limit=200",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.mlp_dim=64",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.eval_batch_size=128",
+    "train.lr=1e-3",
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=0.5",
+    "ray.num_cpus=2",
+]
+
+
+def tiny_config(tmp_path: Path, *extra: str) -> Config:
+    return load_config(ROOT / "configs" / "quick.yaml", [*TINY, f"output_dir={tmp_path / 'run'}", *extra])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_present() -> None:
+    if not (DATA_DIR / "plain_text").is_dir():
+        pytest.exit(f"CIFAR-10 copy not found at {DATA_DIR} (set RAYVIT_TEST_DATA)", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One real local Ray cluster for the in-process tests of this session."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-worker tiny run; several tests read its export."""
+    from rayvit.run import run_training
+
+    tmp = tmp_path_factory.mktemp("trained")
+    summary = run_training(tiny_config(tmp))
+    return summary.best_dir.parent

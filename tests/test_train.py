@@ -1,0 +1,163 @@
+"""End-to-end training against a real local Ray cluster and the real CIFAR-10 copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA_DIR, ROOT, TINY, tiny_config
+
+from rayvit.checkpoint import check_model_folder
+from rayvit.data import load_test
+from rayvit.predict import Predictor
+from rayvit.run import TRAIN_NAME, run_training
+
+TRAIN_PY = str(ROOT / "ray_jobs" / "train.py")
+
+
+def _checkpoint_epochs(run_dir: Path) -> list[int]:
+    epochs = []
+    for d in sorted((run_dir / TRAIN_NAME).glob("checkpoint_2*")):
+        m = d / "metrics.json"
+        if m.is_file():
+            epochs.append(json.loads(m.read_text())["epoch"])
+    return sorted(epochs)
+
+
+def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:
+    best = trained_run / "best"
+    check_model_folder(best)
+    metrics = json.loads((best / "metrics.json").read_text())
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "learning_rate",
+        "epochs",
+        "data",
+        "git_commit",
+        "created_at",
+    ):
+        assert key in metrics, key
+    assert metrics["data"]["source"] == str(DATA_DIR)
+    assert len(metrics["data"]["fingerprint"]) > 16
+    assert metrics["data"]["num_train"] == 320 and metrics["data"]["num_test"] == 200
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    cfg = json.loads((best / "config.json").read_text())
+    assert cfg["id2label"]["0"] == "airplane" and cfg["label2id"]["truck"] == 9
+    proc = json.loads((best / "preprocessor_config.json").read_text())
+    assert proc["size"] == {"height": 32, "width": 32}
+    assert proc["image_mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert (best / "model.safetensors").stat().st_size > 10_000
+    assert "output_dir" in (best / "config.yaml").read_text()
+    # every kept checkpoint holds model, optimizer/scheduler state and the config
+    ckpts = list((trained_run / TRAIN_NAME).glob("checkpoint_2*"))
+    assert ckpts
+    for c in ckpts:
+        assert (c / "training_state.pt").is_file() and (c / "config.yaml").is_file()
+        assert (c / "model" / "model.safetensors").is_file()
+
+
+def test_pipeline_agrees_with_predictor(trained_run: Path) -> None:
+    from PIL import Image
+    from transformers import pipeline
+
+    best = trained_run / "best"
+    test = load_test(tiny_config(trained_run).data, 32)
+    images = [Image.fromarray(a) for a in test.images[:40]]
+    pipe = pipeline("image-classification", model=str(best), device="cpu")
+    theirs = [out[0]["label"] for out in pipe(images, top_k=1)]
+    ours = [p.label for p in Predictor(best).predict([np.asarray(im) for im in images], top_k=1)]
+    assert theirs == ours
+
+
+def test_rerun_of_finished_run_does_not_train_again(trained_run: Path) -> None:
+    before = (trained_run / "best" / "metrics.json").read_text()
+    summary = run_training(tiny_config(trained_run.parent))
+    assert summary.resumed_finished
+    assert (trained_run / "best" / "metrics.json").read_text() == before
+
+
+def test_worker_fault_recovers_from_checkpoint(ray_cluster: None, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "train.epochs=2", "train.inject_fault_epoch=1")
+    summary = run_training(cfg)
+    run_dir = Path(cfg.output_dir)
+    assert (run_dir / TRAIN_NAME / ".fault_injected").is_file()  # the worker really died
+    # training went on from epoch 1's checkpoint: epoch 2 exists and was reported once
+    assert _checkpoint_epochs(run_dir) == [1, 2]
+    assert summary.metrics["epochs"] == 2
+    state = __import__("torch").load(
+        sorted((run_dir / TRAIN_NAME).glob("checkpoint_2*"))[-1] / "training_state.pt", weights_only=False
+    )
+    assert state["epoch"] == 2
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, TRAIN_PY, "--config", str(ROOT / "configs" / "quick.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["data.path=/nonexistent/cifar"], "data.path: no such folder: /nonexistent/cifar"),
+        (["scaling.use_gpu=true", "scaling.num_workers=1", "ray.num_cpus=1"], "the Ray cluster has no GPUs"),
+        (["scaling.num_workers=8", "ray.num_cpus=1"], "needs 16 CPUs but the Ray cluster has 1"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    out = _cli([f"output_dir={tmp_path / 'run'}", f"data.path={DATA_DIR}", *args])
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "run" / "best").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        f"output_dir={run_dir}",
+        "train.epochs=3",
+        "data.train_limit=640",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_PY, "--config", str(ROOT / "configs" / "quick.yaml"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not _checkpoint_epochs(run_dir):
+        time.sleep(0.5)
+    assert _checkpoint_epochs(run_dir), "no checkpoint before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to clean up
+    proc.wait(timeout=60)
+    assert not (run_dir / "best").exists()
+    done_before = max(_checkpoint_epochs(run_dir))
+    assert done_before < 3
+
+    out = _cli(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+    assert f"resuming from checkpoint after epoch {done_before}" in log
+    assert f"epoch {done_before}/3" not in log  # finished epochs are not trained again
+    assert "epoch 3/3" in log
+    assert json.loads((run_dir / "best" / "metrics.json").read_text())["epochs"] == 3
