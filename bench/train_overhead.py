@@ -46,7 +46,7 @@ def bare_loop(cfg: Config, images: np.ndarray, labels: np.ndarray, class_names: 
             x = pre(torch.from_numpy(images[idx]), train=cfg.train.augment, generator=gen)
             loss = F.cross_entropy(model(pixel_values=x).logits, torch.from_numpy(labels[idx]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         rate = len(labels) / (time.perf_counter() - t)

@@ -1,4 +1,9 @@
-"""Training job: ``python ray_jobs/train.py [--config FILE] [key=value ...]``."""
+"""Main job: ``python ray_jobs/train.py [--config FILE] [key=value ...]``.
+
+A Ray Tune learning-rate sweep of Ray Train runs when ``tune.*`` names more than
+one learning rate, else a single Ray Train run; either way the best model by
+validation accuracy is tested once and exported to ``<output_dir>/best``.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from rayvit.cli import parse_config, run_cli
 from rayvit.run import run_training
+from tuning import is_sweep, run_sweep
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     def _main() -> None:
-        cfg = parse_config(argv, DEFAULT_CONFIG, "Fine-tune a ViT with Ray Train and export the best model.")
-        summary = run_training(cfg)
+        cfg = parse_config(argv, DEFAULT_CONFIG, "Sweep, train and export a ViT image classifier on Ray.")
+        summary = run_sweep(cfg) if is_sweep(cfg) else run_training(cfg)
         state = "already finished" if summary.resumed_finished else "exported"
         print(
             f"{state}: {summary.best_dir}  test_accuracy {summary.metrics.get('test_accuracy', float('nan')):.4f}  "

@@ -86,6 +86,29 @@ class ScalingSection(_Section):
     """Fail fast when the cluster cannot place the workers (off for autoscaling clusters)."""
 
 
+class TuneSection(_Section):
+    lrs: list[float] | None = None
+    """Grid of learning rates; one value (or null with no range) = no sweep."""
+    lr_min: float | None = Field(None, gt=0.0)
+    lr_max: float | None = Field(None, gt=0.0)
+    num_samples: int = Field(1, ge=1)
+    """Log-uniform samples between lr_min and lr_max (used when lrs is null)."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    """auto = as many trials as the cluster can place side by side."""
+    driver_cpus: float = Field(0.01, gt=0.0)
+    """Logical CPU of each trial's driver function, which only waits on its TorchTrainer."""
+
+
+class WandbSection(_Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto = online when WANDB_API_KEY is set, else offline files under output_dir."""
+    project: str = "rayvit"
+    entity: str | None = None
+
+
 class RayConfig(_Section):
     address: str | None = None
     """null = connect to a running cluster or start a local one."""
@@ -99,6 +122,8 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingSection = ScalingSection()
     ray: RayConfig = RayConfig()
+    tune: TuneSection = TuneSection()
+    wandb: WandbSection = WandbSection()
     output_dir: str = "runs/default"
     seed: int = 0
 

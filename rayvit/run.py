@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import time
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -21,8 +21,10 @@ from rayvit.data import TrainValData, fingerprint, load_test, load_train_val
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
+from rayvit.plots import confusion_matrix, plot_confusion, plot_curves
 from rayvit.preprocess import Preprocessor
-from rayvit.train_loop import train_loop_per_worker
+from rayvit.tracking import log_final, resolve_mode
+from rayvit.train_loop import read_history, train_loop_per_worker
 
 BEST_DIR = "best"
 TRAIN_NAME = "train"
@@ -108,6 +110,7 @@ def trainer_for(
     storage: Path,
     name: str,
     callbacks: list[Any] | None = None,
+    wandb_group: str | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of one training run (also one Tune trial)."""
     loop_config = {
@@ -116,6 +119,12 @@ def trainer_for(
         "mean": list(pre.mean),
         "std": list(pre.std),
         "class_names": class_names,
+        "wandb": {
+            "mode": resolve_mode(cfg),
+            "group": wandb_group or Path(cfg.output_dir).name,
+            "name": name,
+            "dir": str(Path(cfg.output_dir).resolve()),
+        },
         **data_refs,
     }
     (storage / name).mkdir(parents=True, exist_ok=True)
@@ -226,9 +235,15 @@ def export_best(
     test: dict[str, Any],
     data: TrainValData,
     train_fp: str,
+    histories: dict[str, list[dict[str, Any]]],
+    wandb_run: tuple[str, str],
     extra_files: list[Path] | None = None,
     extra_metrics: dict[str, Any] | None = None,
 ) -> RunSummary:
+    """Write ``<output_dir>/best``: model, metrics.json, curves and the test confusion matrix.
+
+    ``wandb_run`` is the (group, name) of the chosen run, which gets the final test metrics.
+    """
     out = Path(cfg.output_dir).resolve()
     metrics: dict[str, Any] = {
         "val_accuracy": ckpt_metrics["val_accuracy"],
@@ -252,8 +267,20 @@ def export_best(
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **(extra_metrics or {}),
     }
+    plots_dir = out / ".plots"
+    plots_dir.mkdir(exist_ok=True)
+    curves = plot_curves(histories, plots_dir / "training_curves.png")
+    cm = confusion_matrix(test["test_labels"], test["test_predictions"], len(data.class_names))
+    cm_png = plot_confusion(
+        cm, data.class_names, plots_dir / "confusion_matrix.png", f"test accuracy {test['test_accuracy']:.3f}"
+    )
+    (plots_dir / "confusion_matrix.json").write_text(
+        json.dumps({"labels": data.class_names, "matrix": cm.tolist()})
+    )
+    files = [curves, cm_png, plots_dir / "confusion_matrix.json", *(extra_files or [])]
     with checkpoint.as_directory() as d:
-        best = export_model(Path(d), out / BEST_DIR, metrics, extra_files or [])
+        best = export_model(Path(d), out / BEST_DIR, metrics, files)
+    log_final(cfg, wandb_run[0], wandb_run[1], out, resolve_mode(cfg), metrics, [curves, cm_png])
     return RunSummary(best, metrics)
 
 
@@ -278,7 +305,10 @@ def run_training(cfg: Config) -> RunSummary:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(cfg.to_yaml())
-    trainer = trainer_for(cfg, put_data(data), pre, data.class_names, placement, out, TRAIN_NAME)
+    group = out.name
+    trainer = trainer_for(
+        cfg, put_data(data), pre, data.class_names, placement, out, TRAIN_NAME, wandb_group=group
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -287,15 +317,10 @@ def run_training(cfg: Config) -> RunSummary:
         ) from exc
     ckpt, ckpt_metrics = best_checkpoint(result)
     test = evaluate_on_test(ckpt, cfg, placement)
-    return export_best(cfg, ckpt, ckpt_metrics, test, data, train_fp)
+    histories = {TRAIN_NAME: read_history(out / TRAIN_NAME)}
+    return export_best(cfg, ckpt, ckpt_metrics, test, data, train_fp, histories, (group, TRAIN_NAME))
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
-
-
-def confusion_matrix(labels: list[int], preds: list[int], n: int) -> np.ndarray:
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
-    return cm

@@ -7,6 +7,7 @@ metrics over all workers, and rank 0 reports a full checkpoint every epoch.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -31,8 +32,22 @@ from rayvit.config import Config, config_from_dict
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_model
 from rayvit.preprocess import Preprocessor
+from rayvit.tracking import start_run
 
 FAULT_MARKER = ".fault_injected"
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Per-epoch metrics of a run, last report per epoch winning (a resumed epoch re-reports)."""
+    f = run_dir / HISTORY_FILE
+    by_epoch: dict[int, dict[str, Any]] = {}
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_epoch[int(rec["epoch"])] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Any:
@@ -130,6 +145,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming from checkpoint after epoch {state['epoch']}", flush=True)
 
+    wb = loop_config.get("wandb") or {}
+    tracker = None
+    if rank == 0 and wb:
+        tracker = start_run(cfg, wb["group"], wb["name"], Path(wb["dir"]), wb["mode"])
+
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         # Same permutation on every rank; each rank reads only its strided shard.
@@ -182,6 +202,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"{metrics['images_per_s']:.0f} img/s  elapsed {elapsed:.0f}s",
                 flush=True,
             )
+        if rank == 0:
+            with (run_dir / HISTORY_FILE).open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if tracker is not None:
+                tracker.log(metrics)
         with tempfile.TemporaryDirectory(prefix="rayvit-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
@@ -198,6 +223,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
+    if tracker is not None:
+        tracker.finish()
 
 
 @torch.inference_mode()

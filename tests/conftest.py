@@ -33,6 +33,8 @@ TINY = [
     "scaling.num_workers=2",
     "scaling.cpus_per_worker=0.5",
     "ray.num_cpus=2",
+    "tune.lrs=null",
+    "wandb.mode=offline",
 ]
 
 

@@ -1,0 +1,68 @@
+"""wandb runs: one per training run (one per Tune trial), created on rank 0 only.
+
+Mode ``auto`` is online when ``WANDB_API_KEY`` is set and offline otherwise, with
+the run files under ``<output_dir>/wandb``. The key is only ever read from the
+environment by wandb itself; it never enters config, code or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from rayvit.config import Config
+
+
+def resolve_mode(cfg: Config) -> str:
+    if cfg.wandb.mode != "auto":
+        return cfg.wandb.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def run_id(group: str, name: str) -> str:
+    """Stable id, so a resumed run appends to the same wandb run."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{group}-{name}")[:120]
+
+
+def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) -> Any:
+    """A wandb run, or None when disabled."""
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        group=group,
+        name=name,
+        id=run_id(group, name),
+        resume="allow",
+        dir=str(directory),
+        mode=mode,  # type: ignore[arg-type]
+        config=cfg.to_dict(),
+        reinit="finish_previous",
+    )
+
+
+def log_final(
+    cfg: Config,
+    group: str,
+    name: str,
+    directory: Path,
+    mode: str,
+    metrics: dict[str, Any],
+    images: list[Path],
+) -> None:
+    """Append the chosen model's test metrics and plots to its trial's wandb run."""
+    run = start_run(cfg, group, name, directory, mode)
+    if run is None:
+        return
+    import wandb
+
+    run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    run.log({p.stem: wandb.Image(str(p)) for p in images if p.is_file()})
+    run.finish()

@@ -1,0 +1,89 @@
+"""``ray job submit`` of the quick job against a real head node and its dashboard API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            f"--port={_free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{api}/api/version", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        out_dir = tmp_path / "job"
+        overrides = [o for o in TINY if not o.startswith("ray.")]
+        submit = subprocess.run(
+            [
+                str(bin_dir / "ray"), "job", "submit", "--address", api, "--working-dir", str(ROOT), "--no-wait",
+                "--", "python", "ray_jobs/train.py", "--config", "configs/quick.yaml",
+                *overrides, "tune.lrs=[1e-3,3e-3]", "scaling.num_workers=1", f"output_dir={out_dir}",
+            ],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stderr
+        job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr)
+        assert job_id, submit.stdout
+        status = "PENDING"
+        deadline = time.time() + 600
+        while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(3)
+            with urllib.request.urlopen(f"{api}/api/jobs/{job_id.group(1)}", timeout=10) as r:
+                status = json.loads(r.read())["status"]
+        logs = urllib.request.urlopen(f"{api}/api/jobs/{job_id.group(1)}/logs", timeout=10).read().decode()
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert "exported:" in logs
+        assert json.loads((out_dir / "best" / "metrics.json").read_text())["sweep"]["trials"] == 2
+        # the run is visible to the dashboard's Train view
+        with urllib.request.urlopen(f"{api}/api/train/v2/runs", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

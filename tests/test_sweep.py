@@ -1,0 +1,148 @@
+"""The learning-rate sweep: real Ray Tune trials, each a real Ray Train run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_config
+
+import tuning.sweep as sweep
+from rayvit.errors import UserError
+from tuning.sweep import TrialRow, select_best
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A finished sweep: a sane learning rate and an absurd one (known outcome)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = tiny_config(tmp, "tune.lrs=[1e-3,50.0]", "train.epochs=2", "scaling.num_workers=1")
+    calls: list[str] = []
+    from rayvit.run import evaluate_on_test as original
+
+    def recording(checkpoint: Any, cfg_: Any, placement: Any) -> dict[str, Any]:
+        calls.append(checkpoint.path)
+        return original(checkpoint, cfg_, placement)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "evaluate_on_test", recording)
+        summary = sweep.run_sweep(cfg)
+    return {"out": Path(cfg.output_dir), "summary": summary, "test_calls": calls, "cfg": cfg}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_best_trial_is_chosen_by_validation_accuracy(sweep_run: dict[str, Any]) -> None:
+    out = sweep_run["out"]
+    rows = _rows(out / "sweep.csv")
+    assert sorted(float(r["lr"]) for r in rows) == [1e-3, 50.0]
+    best = [r for r in rows if r["best"] == "True"]
+    assert len(best) == 1 and float(best[0]["lr"]) == 1e-3
+    assert float(best[0]["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in rows)
+    for r in rows:
+        assert {"trial_id", "epochs_completed", "stopped_early"} <= set(r)
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["learning_rate"] == 1e-3
+    assert metrics["sweep"]["trials"] == 2
+    assert _rows(out / "best" / "sweep.csv") == rows  # lineage travels with the model
+    for png in ("training_curves.png", "confusion_matrix.png"):
+        assert (out / "best" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_test_split_is_read_once_after_selection(sweep_run: dict[str, Any]) -> None:
+    calls = sweep_run["test_calls"]
+    assert len(calls) == 1  # only the chosen checkpoint ever meets the test split
+    best_trial = json.loads((sweep_run["out"] / "best" / "metrics.json").read_text())["sweep"]["best_trial"]
+    assert best_trial in calls[0]
+
+
+def test_selection_ignores_everything_but_validation() -> None:
+    def row(tid: str, lr: float, acc: float, epoch: int = 2, path: str = "x") -> TrialRow:
+        return TrialRow(tid, lr, epoch, acc, epoch, False, "OK", "", path)
+
+    assert select_best([row("a", 1e-3, 0.4), row("b", 1e-2, 0.6), row("c", 1.0, 0.1)]).trial_id == "b"
+    # a tie goes to the earlier epoch; a trial without checkpoint is never chosen
+    assert select_best([row("a", 1e-3, 0.5, 3), row("b", 1e-2, 0.5, 1)]).trial_id == "b"
+    assert select_best([row("a", 1e-3, 0.9, path=""), row("b", 1e-2, 0.2)]).trial_id == "b"
+
+
+def _wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """Read history records of an offline ``.wandb`` file (a LevelDB-style record log)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    pos, block, buf, history = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            break
+        buf += data[pos : pos + length]
+        pos += length
+        if kind in (1, 4):
+            rec = pb.Record()  # type: ignore[attr-defined]
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                history.append(
+                    {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
+                )
+    return history
+
+
+def test_offline_wandb_run_per_trial_with_epoch_metrics(sweep_run: dict[str, Any]) -> None:
+    out = sweep_run["out"]
+    run_dirs = sorted((out / "wandb").glob("offline-run-*"))
+    trial_ids = {r["trial_id"] for r in _rows(out / "sweep.csv")}
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for d in run_dirs:
+        tid = next(t for t in trial_ids if d.name.endswith(t))
+        for f in d.glob("*.wandb"):
+            by_trial.setdefault(tid, []).extend(_wandb_history(f))
+    assert set(by_trial) == trial_ids  # one wandb run (id) per trial
+    for tid, history in by_trial.items():
+        epochs = [h for h in history if "epoch" in h]
+        assert [h["epoch"] for h in epochs] == [1, 2], tid
+        assert all(0.0 <= h["val_accuracy"] <= 1.0 and "train_loss" in h for h in epochs)
+    # the chosen trial's run also got the final test metrics
+    best = next(r["trial_id"] for r in _rows(out / "sweep.csv") if r["best"] == "True")
+    assert any("confusion_matrix" in h for h in by_trial[best])
+
+
+def test_rerun_resumes_and_skips_finished_trials(sweep_run: dict[str, Any]) -> None:
+    import shutil
+
+    out, cfg = sweep_run["out"], sweep_run["cfg"]
+    histories = {p: p.read_text() for p in (out / "trials").glob("*/history.jsonl")}
+    assert len(histories) == 2
+    shutil.rmtree(out / "best")  # as if the job died after the sweep, before the export
+    summary = sweep.run_sweep(cfg)
+    assert (summary.best_dir / "metrics.json").is_file()
+    assert {p: p.read_text() for p in histories} == histories  # no trial trained again
+    assert summary.metrics["learning_rate"] == 1e-3
+
+
+def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        "tune.lrs=[1e-3,2e-3]",
+        "train.epochs=2",
+        "train.inject_fault_epoch=1",
+        "train.max_failures=0",
+        "scaling.num_workers=1",
+    )
+    with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.001\)"):
+        sweep.run_sweep(cfg)
+    rows = _rows(Path(cfg.output_dir) / "sweep.csv")
+    assert len(rows) == 2 and all(r["status"] == "ERROR" for r in rows)
+    assert not (Path(cfg.output_dir) / "best").exists()
