@@ -438,4 +438,7 @@ def test_dvc_repro_whole_pipeline_and_model_roundtrip(tmp_path: Path) -> None:
     from rayvit.checkpoint import check_model_folder
 
     check_model_folder(best)
+    # The data stayed in the workspace (only the cache went), so training and evaluation are current.
+    assert "Data and pipelines are up to date" in dvc(repo, "status", "train", "evaluate").stdout
+    dvc(repo, "pull", "-r", "local")
     assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
