@@ -1,0 +1,131 @@
+"""Evaluate an exported model folder on the test split; write metrics and plots.
+
+This is the DVC ``evaluate`` stage. Outputs, in ``out_dir``:
+
+- ``metrics.json``: test accuracy/loss, per-class accuracy, the DVC hash of the
+  data evaluated on and what the model folder says it was trained on;
+- ``confusion.csv``: one ``actual,predicted`` row per test image (DVC's
+  ``confusion`` template) and ``confusion.png``;
+- ``training_curve.csv``: ``epoch,train_loss,val_loss,val_accuracy`` from the
+  run's kept checkpoints (only the epochs whose checkpoints were kept).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rayvit.checkpoint import METRICS_FILE, write_json
+from rayvit.config import DataConfig
+from rayvit.dvc import data_fingerprint
+from rayvit.errors import UserError
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    confusion: np.ndarray
+    labels: list[str]
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n: int) -> np.ndarray:
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return cm
+
+
+def training_curve(run_dir: Path) -> list[dict[str, float]]:
+    """Per-epoch metrics of the kept checkpoints under a Ray Train run folder, by epoch."""
+    rows: dict[int, dict[str, float]] = {}
+    for f in run_dir.glob("checkpoint_*/" + METRICS_FILE):
+        try:
+            m = json.loads(f.read_text())
+            rows[int(m["epoch"])] = {k: float(m[k]) for k in CURVE_COLUMNS}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [rows[e] for e in sorted(rows)]
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data_path: str,
+    test_limit: int | None = None,
+    batch_size: int = 256,
+) -> EvalResult:
+    """Test-split loss/accuracy of an exported model folder with ``Predictor``."""
+    from rayvit.data import class_names, load_dataset_dict, load_test
+    from rayvit.predict import Predictor, evaluate_arrays
+
+    predictor = Predictor(model_dir)
+    data_cfg = DataConfig(path=data_path, test_limit=test_limit)
+    names = class_names(load_dataset_dict(data_path), data_cfg)
+    if names != predictor.labels:
+        raise UserError(
+            f"model labels {predictor.labels} differ from the data set's class names {names} ({data_path})"
+        )
+    test = load_test(data_cfg, predictor.pre.image_size)
+    loss, acc, pred = evaluate_arrays(
+        predictor.model, predictor.pre, test.images, test.labels, batch_size, predictor.device
+    )
+    cm = confusion_matrix(test.labels, pred, len(names))
+    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    trained = predictor.metrics.get("data", {}) if isinstance(predictor.metrics.get("data"), dict) else {}
+    metrics: dict[str, Any] = {
+        "test_accuracy": acc,
+        "test_loss": loss,
+        "num_test": len(test),
+        "per_class_accuracy": {n: float(a) for n, a in zip(names, per_class, strict=True)},
+        "data": {"path": data_path, "fingerprint": data_fingerprint(data_path)},
+        "model": {
+            "path": str(model_dir),
+            "val_accuracy": predictor.metrics.get("val_accuracy"),
+            "trained_on": trained.get("fingerprint"),
+        },
+    }
+    return EvalResult(metrics, cm, names)
+
+
+def write_reports(result: EvalResult, out_dir: str | Path, run_dir: Path | None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / METRICS_FILE, result.metrics)
+    with (out / "confusion.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        for i, j in zip(*np.nonzero(result.confusion), strict=True):
+            w.writerows([[result.labels[i], result.labels[j]]] * int(result.confusion[i, j]))
+    with (out / "training_curve.csv").open("w", newline="") as f:
+        dw = csv.DictWriter(f, fieldnames=list(CURVE_COLUMNS))
+        dw.writeheader()
+        for row in training_curve(run_dir) if run_dir is not None else []:
+            dw.writerow({**row, "epoch": int(row["epoch"])})
+    plot_confusion(result.confusion, result.labels, out / "confusion.png")
+    return out
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
