@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from rayvit.checkpoint import CONFIG_FILE, METRICS_FILE, export_model, read_metrics
 from rayvit.config import Config, RayConfig
 from rayvit.data import TrainValData, fingerprint, load_test, load_train_val
+from rayvit.dvc import data_fingerprint
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
@@ -255,7 +256,10 @@ def export_best(
         "best_epoch": ckpt_metrics["epoch"],
         "data": {
             "source": data.source,
-            "fingerprint": f"{train_fp}-{test['test_fingerprint']}",
+            # DVC's hash of the data folder when it is one (so the model names the exact
+            # DVC-tracked data), else the content hash of the pixels and labels.
+            "fingerprint": data_fingerprint(data.source) or f"{train_fp}-{test['test_fingerprint']}",
+            "content_fingerprint": f"{train_fp}-{test['test_fingerprint']}",
             "num_train": len(data.train),
             "num_val": len(data.val),
             "num_test": test["num_test"],
