@@ -74,7 +74,7 @@ class TrainConfig(_Section):
     """Best k checkpoints kept by validation accuracy (the latest is always kept)."""
     max_failures: int = Field(3, ge=-1)
     inject_fault_epoch: int | None = Field(None, ge=1)
-    """Chaos testing: rank 1 (or 0) dies once, after this epoch's checkpoint."""
+    """Chaos testing: the last worker dies once, midway through the epoch after this one."""
 
 
 class ScalingSection(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,27 @@ def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) ->
     import wandb
 
     directory.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        group=group,
-        name=name,
-        id=run_id(group, name),
-        resume="allow",
-        dir=str(directory),
-        mode=mode,  # type: ignore[arg-type]
-        config=cfg.to_dict(),
-        reinit="finish_previous",
-    )
+    base = run_id(group, name)
+    # A crashed process can leave its run id "in use"; then continue in a fresh run of
+    # the same group and name. Tracking problems never stop training.
+    for rid in (base, f"{base}-{int(time.time())}"):
+        try:
+            return wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=group,
+                name=name,
+                id=rid,
+                resume="allow",
+                dir=str(directory),
+                mode=mode,  # type: ignore[arg-type]
+                config=cfg.to_dict(),
+                reinit="finish_previous",
+            )
+        except Exception as exc:
+            last = exc
+    print(f"warning: wandb disabled for {name}: {str(last).splitlines()[-1][:200]}", flush=True)
+    return None
 
 
 def log_final(

@@ -91,14 +91,16 @@ def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> li
 
 
 def _maybe_inject_fault(cfg: Config, run_dir: Path, epoch: int, rank: int, world: int) -> None:
-    """Chaos test hook: the last rank dies once, right after an epoch's checkpoint."""
-    if cfg.train.inject_fault_epoch != epoch or rank != world - 1:
+    """Chaos test hook: the last rank dies once, midway through the epoch after
+    ``inject_fault_epoch`` (whose checkpoint then has to carry the run)."""
+    if cfg.train.inject_fault_epoch is None or cfg.train.inject_fault_epoch + 1 != epoch or rank != world - 1:
         return
     marker = run_dir / FAULT_MARKER
     if marker.exists():
         return
-    marker.write_text(f"worker rank {rank} killed after epoch {epoch}\n")
-    print(f"[fault injection] killing worker rank {rank} after epoch {epoch}", flush=True)
+    marker.write_text(f"worker rank {rank} killed during epoch {epoch}\n")
+    print(f"[fault injection] killing worker rank {rank} during epoch {epoch}", flush=True)
+    time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
     os._exit(1)
 
 
@@ -118,14 +120,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
-    model = build_model(cfg.model, class_names)
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
-    if checkpoint is not None:
-        from safetensors.torch import load_file
+    if checkpoint is None:
+        model = build_model(cfg.model, class_names)
+    else:
+        # from_pretrained, not load_state_dict: transformers maps its saved key names.
+        from transformers import ViTForImageClassification
 
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / MODEL_DIR / "model.safetensors")))
+            model = ViTForImageClassification.from_pretrained(
+                Path(d) / MODEL_DIR, attn_implementation=cfg.model.attn_implementation
+            )
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     ddp_model: torch.nn.Module = ray.train.torch.prepare_model(model)
 
@@ -174,6 +180,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach() * len(idx)
+            if step == steps_per_epoch // 2:
+                _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
@@ -222,7 +230,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
     if tracker is not None:
         tracker.finish()
 

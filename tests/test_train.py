@@ -114,7 +114,7 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
         (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
         (["data.path=/nonexistent/cifar"], "data.path: no such folder: /nonexistent/cifar"),
         (["scaling.use_gpu=true", "scaling.num_workers=1", "ray.num_cpus=1"], "the Ray cluster has no GPUs"),
-        (["scaling.num_workers=8", "ray.num_cpus=1"], "needs 16 CPUs but the Ray cluster has 1"),
+        (["scaling.num_workers=8", "ray.num_cpus=1"], "needs 7.92 CPUs but the Ray cluster has 1"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
