@@ -288,11 +288,19 @@ def export_best(
     return RunSummary(best, metrics)
 
 
-def run_training(cfg: Config) -> RunSummary:
-    """Train (or resume), pick the best checkpoint by validation accuracy, test it once, export."""
-    done = finished_summary(cfg)
-    if done is not None:
-        return done
+@dataclass
+class JobSetup:
+    """What a training run and a sweep both start from."""
+
+    out: Path
+    placement: Placement
+    pre: Preprocessor
+    data: TrainValData
+    train_fp: str
+
+
+def setup_job(cfg: Config) -> JobSetup:
+    """Cluster, placement checks, preprocessing, train/val data; the run's config saved."""
     quiet_libraries()
     out = Path(cfg.output_dir).resolve()
     init_ray(cfg.ray)
@@ -304,11 +312,21 @@ def run_training(cfg: Config) -> RunSummary:
     print(
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes "
         f"from {cfg.data.path} ({time.perf_counter() - t0:.1f}s); "
-        f"{placement.num_workers} worker(s), {'GPU' if placement.use_gpu else 'CPU'}",
+        f"{placement.num_workers} worker(s) per run, {'GPU' if placement.use_gpu else 'CPU'}",
         flush=True,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(cfg.to_yaml())
+    return JobSetup(out, placement, pre, data, train_fp)
+
+
+def run_training(cfg: Config) -> RunSummary:
+    """Train (or resume), pick the best checkpoint by validation accuracy, test it once, export."""
+    done = finished_summary(cfg)
+    if done is not None:
+        return done
+    job = setup_job(cfg)
+    out, placement, pre, data, train_fp = job.out, job.placement, job.pre, job.data, job.train_fp
     group = out.name
     trainer = trainer_for(
         cfg, put_data(data), pre, data.class_names, placement, out, TRAIN_NAME, wandb_group=group

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from rayvit.config import Config, config_from_dict
-from rayvit.data import fingerprint, load_train_val
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
-from rayvit.model import build_preprocessor
 from rayvit.run import (
     Placement,
     RunSummary,
     evaluate_on_test,
     export_best,
     finished_summary,
-    init_ray,
     put_data,
-    resolve_placement,
+    setup_job,
     trainer_for,
 )
 from rayvit.train_loop import read_history
@@ -241,19 +237,10 @@ def run_sweep(cfg: Config) -> RunSummary:
     done = finished_summary(cfg)
     if done is not None:
         return done
-    quiet_libraries()
-    out = Path(cfg.output_dir).resolve()
-    init_ray(cfg.ray)
-    placement = resolve_placement(cfg)
-    pre = build_preprocessor(cfg.model)
-    t0 = time.perf_counter()
-    data = load_train_val(cfg.data, cfg.seed, cfg.model.image_size)
-    train_fp = fingerprint(data.train, data.val)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    job = setup_job(cfg)
+    out, placement, pre, data, train_fp = job.out, job.placement, job.pre, job.data, job.train_fp
     concurrency = max_concurrent_trials(cfg, placement)
     print(
-        f"data: {len(data.train)} train / {len(data.val)} val images ({time.perf_counter() - t0:.1f}s); "
         f"sweep over lr {cfg.tune.lrs or (cfg.tune.lr_min, cfg.tune.lr_max)}, "
         f"{placement.num_workers} worker(s) per trial, up to {concurrency} trial(s) at once",
         flush=True,
