@@ -36,6 +36,7 @@ DEPLOYMENT_OPTION_KEYS = (
     "graceful_shutdown_timeout_s",
     "health_check_period_s",
     "health_check_timeout_s",
+    "logging_config",
 )
 
 
@@ -46,7 +47,7 @@ class ReplicaSettings(BaseModel):
 
     max_batch_size: int = Field(32, ge=1, le=4096)
     """Images per forward pass (dynamic batching)."""
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
     """How long the first image of a batch waits for others."""
     torch_threads: int | None = Field(None, ge=1, le=256)
     """torch intra-op threads; null = the replica's CPU reservation, rounded up."""
