@@ -9,6 +9,7 @@ serving needs nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -108,3 +109,54 @@ def check_model_folder(folder: str | Path) -> Path:
 def read_metrics(folder: str | Path) -> dict[str, Any]:
     f = Path(folder) / METRICS_FILE
     return dict(json.loads(f.read_text())) if f.is_file() else {}
+
+
+def model_identity(folder: str | Path, metrics: dict[str, Any] | None = None) -> tuple[str, str]:
+    """``(name, version)`` of an exported model folder.
+
+    ``name`` and ``version`` from ``metrics.json`` when it has them; else the
+    folder's name and the first 12 hex digits of the weights' SHA-256, so two
+    different models never share a version.
+    """
+    path = Path(folder)
+    metrics = read_metrics(path) if metrics is None else metrics
+    name = str(metrics.get("name") or path.resolve().name)
+    version = metrics.get("version")
+    if not version:
+        digest = hashlib.sha256()
+        with (path / "model.safetensors").open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        version = digest.hexdigest()[:12]
+    return name, str(version)
+
+
+def verify_model_folder(folder: str | Path) -> Path:
+    """``check_model_folder`` plus the cheap reads a server does at build time.
+
+    The weights' header and the preprocessor config are read (not the tensors),
+    so a corrupt export fails before anything is deployed, naming the path.
+    """
+    path = check_model_folder(folder)
+    try:
+        json.loads((path / PROCESSOR_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model folder {path}: {PROCESSOR_FILE} is not valid JSON ({exc})") from exc
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            if not list(f.keys()):
+                raise UserError(f"model folder {path}: model.safetensors holds no tensors")
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model folder {path}: model.safetensors cannot be read ({first})") from exc
+    metrics = path / METRICS_FILE
+    if metrics.exists():
+        try:
+            json.loads(metrics.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"model folder {path}: {METRICS_FILE} is not valid JSON ({exc})") from exc
+    return path

@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 
 from rayvit.config import Config, load_config  # noqa: E402
 
+# Fixtures of the serving tests (tiny models, one Serve instance) live in tests/serve_support.py.
+pytest_plugins = ["serve_support"]
+
 DATA_DIR = Path(os.environ.get("RAYVIT_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10")).resolve()
 
 # The quick recipe, shrunk: tiny ViT, a few hundred images, one epoch, 2 workers on 2 logical CPUs.

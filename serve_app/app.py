@@ -1,0 +1,66 @@
+"""Application builder: ``serve run serve_app:app [model_dir=PATH] [config=FILE]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from ray.serve import Application
+
+from rayvit.checkpoint import verify_model_folder
+from rayvit.errors import UserError
+from serve_app.deployment import ViTClassifier
+from serve_app.settings import DEFAULT_MODEL_DIR, deployment_options, merge
+
+ARGS = ("model_dir", "config")
+
+
+class BuildError(UserError, click.ClickException):
+    """A bad application argument or model folder.
+
+    The ``serve`` CLI prints a ``ClickException`` as one ``Error: ...`` line and
+    exits non-zero; Python callers catch it as the project's ``UserError``.
+    """
+
+    def __init__(self, message: str) -> None:
+        click.ClickException.__init__(self, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BuildError, (self.message,))
+
+
+def build_app(
+    model_dir: str | Path = DEFAULT_MODEL_DIR,
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Application:
+    """The classifier application for ``model_dir``, with settings from ``config``.
+
+    ``config`` is a Serve config file (default ``configs/serve.yaml``) whose
+    ``ViTClassifier`` deployment entry gives autoscaling, batching, resources
+    and limits; ``overrides`` (same keys, merged on top) are for tests and tools.
+    Fails before anything is deployed, with one line naming the path, when the
+    model folder is missing or invalid.
+    """
+    try:
+        path = verify_model_folder(Path(model_dir).expanduser().resolve())
+        options = merge(deployment_options(config), overrides or {})
+    except UserError as exc:
+        raise BuildError(str(exc)) from None
+    deployment: Any = ViTClassifier  # the @serve.deployment wrapper, typed by its class
+    application: Application = deployment.options(**options).bind(str(path))
+    return application
+
+
+def app(args: dict[str, str]) -> Application:
+    """Serve application builder; ``args`` are the ``key=value`` words after the import path."""
+    unknown = sorted(set(args) - set(ARGS))
+    if unknown:
+        raise BuildError(
+            f"unknown application argument(s) {', '.join(unknown)}; use model_dir=PATH, config=FILE"
+        )
+    return build_app(args.get("model_dir") or DEFAULT_MODEL_DIR, args.get("config") or None)

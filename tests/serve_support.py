@@ -1,0 +1,190 @@
+"""Fixtures and helpers of the serving tests: tiny trained models, one Serve instance, image corpus."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rayvit.checkpoint import save_model_folder, write_json
+from rayvit.config import DataConfig, load_config
+from rayvit.data import load_test, load_train_val
+from rayvit.model import build_model, build_preprocessor
+from rayvit.preprocess import preprocess_arrays
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_dim=64"]
+
+#: Small, fast replicas for tests: one replica, a quarter CPU, one torch thread.
+TEST_OPTIONS: dict[str, Any] = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
+    "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0},
+    "user_config": {"torch_threads": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.002},
+    "graceful_shutdown_wait_loop_s": 0.5,
+    "graceful_shutdown_timeout_s": 10,
+}
+
+
+def data_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("RAYVIT_TEST_DATA", DATA_DIR)).resolve()
+
+
+def train_tiny_model(dest: Path, name: str, version: str, seed: int, steps: int = 60) -> Path:
+    """A tiny ViT trained for a few steps on CIFAR-10 (non-degenerate predictions) and exported."""
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [f"data.path={data_dir()}", *TINY_MODEL])
+    data = load_train_val(DataConfig(path=str(data_dir()), train_limit=2048, val_limit=8), 0, 32)
+    torch.manual_seed(seed)
+    model: Any = build_model(cfg.model, data.class_names)
+    pre = build_preprocessor(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(data.train.images)
+    labels = torch.from_numpy(data.train.labels)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (64,), generator=gen)
+        loss: Any = torch.nn.functional.cross_entropy(
+            model(pixel_values=pre(images[idx])).logits, labels[idx]
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_model_folder(model, pre, dest)
+    write_json(dest / "metrics.json", {"name": name, "version": version, "steps": steps, "seed": seed})
+    return dest
+
+
+@dataclass
+class Models:
+    a: Path
+    b: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    tmp = tmp_path_factory.mktemp("models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to a busy machine
+    try:
+        return Models(
+            train_tiny_model(tmp / "model-a", "model-a", "1", seed=1),
+            train_tiny_model(tmp / "model-b", "model-b", "2", seed=2, steps=40),
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster: None) -> Iterator[str]:
+    """One Serve instance for the session, HTTP on 127.0.0.1 only."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    shutdown: Any = serve.shutdown
+    shutdown()
+
+
+def deploy(model_dir: Path, name: str, route_prefix: str, **overrides: Any) -> None:
+    from ray import serve
+
+    from serve_app import build_app
+    from serve_app.settings import merge
+
+    serve.run(
+        build_app(model_dir, overrides=merge(TEST_OPTIONS, overrides)), name=name, route_prefix=route_prefix
+    )
+
+
+def serve_config(
+    model_dir: Path, name: str = "rayvit", route_prefix: str = "/", **overrides: Any
+) -> dict[str, Any]:
+    """``configs/serve.yaml`` for one app, with the test options (and ``overrides``) merged in."""
+    import yaml
+
+    from serve_app.settings import merge
+
+    raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    app = raw["applications"][0]
+    app.update(name=name, route_prefix=route_prefix, args={"model_dir": str(model_dir)})
+    app["deployments"] = [merge(app["deployments"][0], merge(TEST_OPTIONS, overrides))]
+    return {"applications": [app]}
+
+
+def deploy_config(config: dict[str, Any], timeout_s: float = 300) -> None:
+    """Apply a Serve config as ``serve deploy`` / ``serve run FILE`` do, and wait until it runs."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    assert client is not None, "Serve is not running"
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
+    names = [a["name"] for a in config["applications"]]
+
+    def running() -> bool:
+        apps = serve.status().applications
+        return all(n in apps and apps[n].status == "RUNNING" for n in names)
+
+    assert wait_until(running, timeout_s), f"apps {names} not running: {serve.status().applications}"
+
+
+@pytest.fixture(scope="session")
+def classifier(serve_url: str, tiny_models: Models) -> Iterator[str]:
+    """Model A deployed from ``configs/serve.yaml`` as app ``rayvit`` at ``/``; yields the base URL."""
+    from ray import serve
+
+    deploy_config(serve_config(tiny_models.a))
+    yield serve_url
+    serve.delete("rayvit")
+
+
+@pytest.fixture(scope="session")
+def cifar_test() -> tuple[np.ndarray, np.ndarray]:
+    split = load_test(DataConfig(path=str(data_dir()), test_limit=100), 32)
+    return split.images, split.labels
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: Any) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def offline_tensor(pre: Any, path: Path) -> torch.Tensor:
+    """What offline evaluation computes for an image file: PIL open, to_uint8_array, preprocess_arrays."""
+    from rayvit.preprocess import to_uint8_array
+
+    with Image.open(path) as im:
+        return preprocess_arrays(pre, [to_uint8_array(im)])
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, interval_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval_s)
+    return cond()

@@ -1,0 +1,183 @@
+"""Serving pieces without a cluster: safe decoding, HTTP parsing, settings, build-time errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_support import ROOT, encode
+
+from rayvit.errors import UserError
+from rayvit.imageio import ImageTooLargeError, UndecodableImageError, decode_image, read_image_file
+from rayvit.preprocess import to_uint8_array
+from serve_app import BuildError, app, build_app
+from serve_app.http import HttpError, parse_header_value, parse_multipart, parse_top_k
+from serve_app.settings import deployment_options, merge, replica_settings
+
+RNG = np.random.default_rng(0)
+RGB = Image.fromarray(RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "kwargs"),
+    [
+        (RGB, "PNG", {}),
+        (RGB, "JPEG", {}),
+        (RGB, "WEBP", {"lossless": True}),
+        (RGB, "BMP", {}),
+        (RGB, "TIFF", {}),
+        (RGB.convert("P"), "GIF", {}),
+        (RGB.convert("L"), "PNG", {}),
+        (RGB.convert("LA"), "PNG", {}),
+        (RGB.convert("RGBA"), "PNG", {}),
+        (RGB.convert("CMYK"), "JPEG", {}),
+        (RGB.convert("CMYK"), "TIFF", {}),
+        (RGB.convert("1"), "PNG", {}),
+        (Image.fromarray(RNG.integers(0, 65535, (24, 40), dtype=np.uint16)), "PNG", {}),
+        (Image.fromarray(RNG.random((24, 40), dtype=np.float32)), "TIFF", {}),
+    ],
+)
+def test_every_real_mode_decodes_to_rgb_uint8(
+    image: Image.Image, fmt: str, kwargs: dict[str, object]
+) -> None:
+    arr = decode_image(encode(image, fmt, **kwargs))
+    assert arr.shape == (24, 40, 3) and arr.dtype == np.uint8
+    assert arr.std() > 0  # real content, not a blank conversion
+
+
+def test_float_images_are_scaled_not_clipped_to_black() -> None:
+    arr = decode_image(encode(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "TIFF"))
+    assert 120 <= arr.mean() <= 135
+
+
+def test_animated_gif_gives_first_frame_and_exif_rotation_is_applied() -> None:
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    blue = Image.new("RGB", (8, 8), (0, 0, 255))
+    arr = decode_image(encode(red, "GIF", save_all=True, append_images=[blue], duration=50))
+    assert arr[..., 0].mean() > 200 and arr[..., 2].mean() < 50
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    arr = decode_image(encode(Image.new("RGB", (30, 10), (0, 255, 0)), "JPEG", exif=exif.tobytes()))
+    assert arr.shape == (30, 10, 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello",
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+        b"<html></html>",
+        b'{"image": 1}',
+        encode(RGB, "PNG")[:60],
+        encode(RGB, "JPEG")[:200],
+        encode(RGB, "GIF")[:40],
+        encode(RGB, "ICO"),
+    ],
+)
+def test_bad_bytes_raise_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableImageError):
+        decode_image(data)
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    data = encode(Image.new("L", (4000, 4000)), "PNG")  # small file, 16 MP
+    with pytest.raises(ImageTooLargeError, match="4000x4000"):
+        decode_image(data, max_pixels=1_000_000)
+    assert decode_image(data, max_pixels=16_000_000).shape == (4000, 4000, 3)
+
+
+def test_read_image_file_matches_the_offline_path(tmp_path: Path) -> None:
+    f = tmp_path / "x.png"
+    RGB.convert("RGBA").save(f)
+    with Image.open(f) as im:
+        assert np.array_equal(read_image_file(f), to_uint8_array(im))
+
+
+def test_header_and_top_k_parsing() -> None:
+    assert parse_header_value('multipart/form-data; boundary="a b;c"') == (
+        "multipart/form-data",
+        {"boundary": "a b;c"},
+    )
+    assert parse_header_value("Image/PNG") == ("image/png", {})
+    assert parse_top_k(None, 3) == 3 and parse_top_k("10", 3) == 10
+    for bad in ("0", "11", "-1", "x", "1.5", "", "+2", "1e1"):
+        with pytest.raises(HttpError) as err:
+            parse_top_k(bad, 3)
+        assert err.value.status == 422
+
+
+def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "XyZ") -> bytes:
+    out = b""
+    for name, ctype, data in parts:
+        out += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_multipart_parser() -> None:
+    body = _multipart([("file", "image/png", b"\x89PNG\r\n--Xy"), ("note", "text/plain", b"hi")])
+    parts = parse_multipart(body, "XyZ")
+    assert [(p.name, p.content_type, p.data) for p in parts] == [
+        ("file", "image/png", b"\x89PNG\r\n--Xy"),
+        ("note", "text/plain", b"hi"),
+    ]
+    assert parts[0].filename == "file.png"
+    for bad, boundary in [(body, None), (body[:-20], "XyZ"), (b"garbage", "XyZ"), (body, "other")]:
+        with pytest.raises(HttpError) as err:
+            parse_multipart(bad, boundary)
+        assert err.value.status == 400
+
+
+def test_settings_come_from_the_serve_config() -> None:
+    opts = deployment_options()
+    assert opts["autoscaling_config"]["min_replicas"] >= 1
+    assert opts["autoscaling_config"]["max_replicas"] >= opts["autoscaling_config"]["min_replicas"]
+    s = replica_settings(opts["user_config"])
+    assert s.max_batch_size >= 1 and s.max_body_bytes == 10 * 1024 * 1024
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    with pytest.raises(UserError, match="max_batch_size"):
+        replica_settings({"max_batch_size": 0})
+    with pytest.raises(UserError, match="unknown key 'max_batchsize'"):
+        replica_settings({"max_batchsize": 8})
+
+
+def test_missing_or_broken_model_folder_fails_at_build_time(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match=f"model folder not found: {tmp_path / 'nope'}"):
+        build_app(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(UserError, match=re.escape("incomplete: missing config.json, model.safetensors")):
+        build_app(bad)
+    (bad / "config.json").write_text('{"id2label": {"0": "a"}}')
+    (bad / "preprocessor_config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(BuildError, match=f"model folder {bad}: model.safetensors cannot be read"):
+        build_app(bad)
+    with pytest.raises(BuildError, match="unknown application argument"):
+        app({"modeldir": str(bad)})
+
+
+def test_serve_run_cli_prints_one_line_for_a_missing_model(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray.serve.scripts", "run", "serve_app:app", f"model_dir={missing}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert f"Error: model folder not found: {missing}" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
