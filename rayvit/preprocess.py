@@ -49,7 +49,11 @@ class Preprocessor:
             raise ValueError(f"expected a (N, H, W, 3) uint8 batch, got {tuple(images.shape)} {images.dtype}")
         if train:
             images = random_crop_flip(images, generator)
-        x = images.permute(0, 3, 1, 2).float()
+        # NCHW view of the NHWC batch, i.e. channels-last memory: on the CPU torch
+        # resizes uint8 channels-last images with a fast vectorised kernel.
+        x = images.permute(0, 3, 1, 2)
+        if x.device.type != "cpu":
+            x = x.float()
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(
                 x,
@@ -59,7 +63,8 @@ class Preprocessor:
                 antialias=True,
             )
         scale, shift = self._affine(x.device)
-        return torch.addcmul(shift, x, scale).contiguous()
+        x = x.float()
+        return x.mul_(scale).add_(shift)
 
     def processor_config(self) -> dict[str, Any]:
         """The equivalent ``ViTImageProcessor`` settings, for ``preprocessor_config.json``."""
