@@ -28,6 +28,8 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    # A throwaway loopback head: no token auth, so the CLI and the HTTP polls need no token.
+    env["RAY_AUTH_MODE"] = "disabled"
     dash = _free_port()
     head = subprocess.Popen(
         [
@@ -55,6 +57,8 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
                 break
             except OSError:
                 time.sleep(1)
+        else:
+            pytest.fail(f"the dashboard at {api} did not come up")
         out_dir = tmp_path / "job"
         overrides = [o for o in TINY if not o.startswith("ray.")]
         submit = subprocess.run(
