@@ -82,9 +82,6 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
         assert status == "SUCCEEDED", logs[-3000:]
         assert "exported:" in logs
         assert json.loads((out_dir / "best" / "metrics.json").read_text())["sweep"]["trials"] == 2
-        # the run is visible to the dashboard's Train view
-        with urllib.request.urlopen(f"{api}/api/train/v2/runs", timeout=10) as r:
-            assert r.status == 200
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
