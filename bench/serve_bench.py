@@ -255,8 +255,10 @@ def main() -> None:
         overrides["user_config"]["max_batch_size"] = args.max_batch_size
     if args.wait_ms is not None:
         overrides["user_config"]["batch_wait_timeout_s"] = args.wait_ms / 1000
+    env = {"PYTHONPATH": str(ROOT)}  # workers import this checkout's code
+    overrides["ray_actor_options"] = {"runtime_env": {"env_vars": env}}
     if args.num_cpus is not None:
-        overrides["ray_actor_options"] = {"num_cpus": args.num_cpus}
+        overrides["ray_actor_options"]["num_cpus"] = args.num_cpus
     if args.replicas is not None:
         overrides["autoscaling_config"] = {"min_replicas": args.replicas, "initial_replicas": args.replicas}
         overrides["autoscaling_config"]["max_replicas"] = args.replicas
@@ -264,11 +266,6 @@ def main() -> None:
         n = base["autoscaling_config"]["min_replicas"]
         overrides["autoscaling_config"] = {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
 
-    env = {
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": os.environ.get(
-            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1"
-        )
-    }
     ray.init(
         address="local",
         num_cpus=max(8, os.cpu_count() or 1),  # logical: every app of the run fits at once
@@ -338,7 +335,7 @@ def noop_app(overrides: dict[str, Any]) -> Any:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from serve_app.settings import deployment_options
+    from serve_app.settings import deployment_options, merge
 
     @serve.deployment(name="NoOp", max_ongoing_requests=64)
     class NoOp:
@@ -347,7 +344,7 @@ def noop_app(overrides: dict[str, Any]) -> Any:
             return Response(b'{"label":"none","probability":0.0}', media_type="application/json")
 
     keep = ("autoscaling_config", "ray_actor_options", "logging_config")
-    opts = {k: v for k, v in {**deployment_options(), **overrides}.items() if k in keep}
+    opts = {k: v for k, v in merge(deployment_options(), overrides).items() if k in keep}
     deployment: Any = NoOp
     return deployment.options(**opts).bind()
 

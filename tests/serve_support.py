@@ -25,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_dim=64"]
 
+#: Replicas import this checkout's code, whatever else the Python environment has installed.
+CODE_ENV: dict[str, Any] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+
 #: Small, fast replicas for tests: one replica, a quarter CPU, one torch thread.
 TEST_OPTIONS: dict[str, Any] = {
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
-    "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0},
+    "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": CODE_ENV},
     "user_config": {"torch_threads": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.002},
     "graceful_shutdown_wait_loop_s": 0.5,
     "graceful_shutdown_timeout_s": 10,
@@ -126,7 +129,7 @@ def serve_config(
 
     raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     app = raw["applications"][0]
-    app.update(name=name, route_prefix=route_prefix, args={"model_dir": str(model_dir)})
+    app.update(name=name, route_prefix=route_prefix, args={"model_dir": str(model_dir)}, runtime_env=CODE_ENV)
     app["deployments"] = [merge(app["deployments"][0], merge(TEST_OPTIONS, overrides))]
     return {"applications": [app]}
 
