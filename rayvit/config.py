@@ -111,7 +111,7 @@ class WandbSection(_Section):
 
 class RayConfig(_Section):
     address: str | None = None
-    """null = connect to a running cluster or start a local one."""
+    """null = RAY_ADDRESS (set by ``ray job submit``) or a new local cluster; "auto" joins a running one."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local cluster started by the job; null = all cores."""
 

@@ -38,8 +38,11 @@ def init_ray(rc: RayConfig) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if rc.address:
         kwargs["address"] = rc.address
-    elif not os.environ.get("RAY_ADDRESS") and rc.num_cpus is not None:
-        kwargs.update(address="local", num_cpus=rc.num_cpus)
+    elif not os.environ.get("RAY_ADDRESS"):
+        # A fresh local cluster; a stale "current cluster" file must not be joined.
+        kwargs["address"] = "local"
+        if rc.num_cpus is not None:
+            kwargs["num_cpus"] = rc.num_cpus
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
