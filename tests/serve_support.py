@@ -96,9 +96,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_url(ray_cluster: None) -> Iterator[str]:
-    """One Serve instance for the session, HTTP on 127.0.0.1 only."""
+    """Serve for one test module, HTTP on 127.0.0.1 only; shut down after it, so later tests
+    (training) get the whole cluster back."""
     from ray import serve
 
     port = free_port()
@@ -152,7 +153,7 @@ def deploy_config(config: dict[str, Any], timeout_s: float = 300) -> None:
     assert wait_until(running, timeout_s), f"apps {names} not running: {serve.status().applications}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def classifier(serve_url: str, tiny_models: Models) -> Iterator[str]:
     """Model A deployed from ``configs/serve.yaml`` as app ``rayvit`` at ``/``; yields the base URL."""
     from ray import serve
