@@ -41,6 +41,24 @@ def _registered_epoch(run_dir: Path) -> int:
     return int(latest["metrics"]["epoch"]) if latest else 0
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session: the driver and the Ray processes it started.
+
+    Ray workers and actors sit in process groups of their own, so killing the driver's group
+    alone leaves them training (and checkpointing) for a while after the "crash".
+    """
+    for _ in range(3):  # again, for anything forked while the first pass ran
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        time.sleep(0.2)
+
+
 def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:
     best = trained_run / "best"
     check_model_folder(best)
@@ -158,7 +176,7 @@ def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
     while time.time() < deadline and not _registered_epoch(run_dir):
         time.sleep(0.2)
     assert _registered_epoch(run_dir), "no checkpoint before the deadline"
-    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to clean up
+    _kill_session(proc.pid)  # a crash of the whole machine: nothing gets to clean up
     proc.wait(timeout=60)
     assert not (run_dir / "best").exists()
     done_before = _registered_epoch(run_dir)
