@@ -14,8 +14,8 @@ zero errors; (e) >= 70% of (d) images/s. Run from the repository root:
 
     python bench/serve_bench.py [--model-dir models/best] [--seconds 20]
 
-Without ``--model-dir`` an untrained model of the quick recipe's size (ViT 192 wide,
-6 layers, 8 px patches, 32 px input: the same compute as a trained one) is used.
+Without ``--model-dir`` an untrained model of the quick recipe's architecture
+(``configs/quick.yaml``: the same compute as a trained one) is used.
 """
 
 from __future__ import annotations

@@ -59,6 +59,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     """Per worker."""
     eval_batch_size: int = Field(256, ge=1)
+    evals_per_epoch: int = Field(1, ge=1)
+    """Validation passes per epoch; the ones before the epoch's end only report metrics (for
+    ASHA to stop a weak trial early), checkpoints stay at epoch ends."""
     lr: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -93,8 +96,9 @@ class TuneSection(_Section):
     lr_max: float | None = Field(None, gt=0.0)
     num_samples: int = Field(1, ge=1)
     """Log-uniform samples between lr_min and lr_max (used when lrs is null)."""
-    grace_period: int = Field(1, ge=1)
-    """ASHA: epochs every trial runs before it can be stopped."""
+    grace_period: float = Field(1.0, gt=0)
+    """ASHA: epochs every trial runs before it can be stopped; a fraction needs
+    ``train.evals_per_epoch`` validation passes per epoch to act on."""
     reduction_factor: float = Field(2.0, gt=1.0)
     max_concurrent_trials: int | Literal["auto"] = "auto"
     """auto = as many trials as the cluster can place side by side."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -43,10 +44,28 @@ def init_ray(rc: RayConfig) -> None:
         kwargs["address"] = "local"
         if rc.num_cpus is not None:
             kwargs["num_cpus"] = rc.num_cpus
+        # Ray Train's placement-group cleaner asks the state API whether its controller lives;
+        # without this it may ask another (or a dead) cluster on the same machine. The cluster's
+        # processes inherit this environment.
+        port = _free_port(8265)
+        kwargs["dashboard_port"] = port
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise UserError(f"ray.address: cannot connect to the Ray cluster: {exc}") from exc
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else a free port the OS picks."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise UserError("no free TCP port for the Ray dashboard")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and wb:
         tracker = start_run(cfg, wb["group"], wb["name"], Path(wb["dir"]), wb["mode"])
 
+    ctx_eval = _EvalContext(
+        model, pre, val_x, val_y, rank, world, cfg.train.eval_batch_size, device, use_bf16
+    )
+    evals = max(1, min(cfg.train.evals_per_epoch, steps_per_epoch))
+    mid_epoch_evals = {round(steps_per_epoch * k / evals) for k in range(1, evals)}
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         # Same permutation on every rank; each rank reads only its strided shard.
@@ -164,7 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
         ddp_model.train()
         loss_sum = torch.zeros((), device=device)
-        t0 = time.perf_counter()
+        t0, eval_time = time.perf_counter(), 0.0
         for step in range(steps_per_epoch):
             idx = np.sort(shard[step * bs : (step + 1) * bs])
             x = torch.from_numpy(train_x[idx]).to(device, non_blocking=True)
@@ -182,34 +188,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss.detach() * len(idx)
             if step == steps_per_epoch // 2:
                 _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
+            if step + 1 in mid_epoch_evals:
+                # An early look for ASHA: metrics only; checkpoints stay at epoch ends.
+                t_eval = time.perf_counter()
+                done = step + 1
+                metrics = _epoch_metrics(
+                    ctx_eval,
+                    epoch - 1 + done / steps_per_epoch,
+                    loss_sum,
+                    min(per_rank, done * bs),
+                    t_eval - t0 - eval_time,
+                    scheduler,
+                    elapsed_before + t_eval - t_start,
+                )
+                _log_progress(metrics, cfg, rank, tracker)
+                ray.train.report(metrics)
+                ddp_model.train()
+                eval_time += time.perf_counter() - t_eval
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_time = time.perf_counter() - t0
-
-        val_loss, val_correct, val_n = _evaluate_shard(
-            model, pre, val_x, val_y, rank, world, cfg.train.eval_batch_size, device, use_bf16
+        train_time = time.perf_counter() - t0 - eval_time
+        metrics = _epoch_metrics(
+            ctx_eval,
+            epoch,
+            loss_sum,
+            per_rank,
+            train_time,
+            scheduler,
+            elapsed_before + time.perf_counter() - t_start,
         )
-        total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
-            [float(loss_sum), per_rank * 1.0, val_loss, val_correct, val_n], device
-        )
-        (max_time,) = _all_reduce([train_time], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        metrics = {
-            "epoch": epoch,
-            "train_loss": total_loss / max(1.0, seen),
-            "val_loss": v_loss / max(1.0, v_n),
-            "val_accuracy": v_correct / max(1.0, v_n),
-            "images_per_s": seen / max(1e-9, max_time),
-            "lr": float(scheduler.get_last_lr()[0]),
-            "elapsed_s": elapsed,
-        }
-        if rank == 0:
-            print(
-                f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-                f"{metrics['images_per_s']:.0f} img/s  elapsed {elapsed:.0f}s",
-                flush=True,
-            )
+        metrics["epoch"] = epoch
+        _log_progress(metrics, cfg, rank, None)
         if rank == 0:
             with (run_dir / HISTORY_FILE).open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -232,6 +241,62 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
     if tracker is not None:
         tracker.finish()
+
+
+@dataclass
+class _EvalContext:
+    """What a validation pass needs; the same for mid-epoch and end-of-epoch passes."""
+
+    model: torch.nn.Module
+    pre: Preprocessor
+    x: np.ndarray
+    y: np.ndarray
+    rank: int
+    world: int
+    batch_size: int
+    device: torch.device
+    use_bf16: bool
+
+
+def _epoch_metrics(
+    ev: _EvalContext,
+    epoch: float,
+    loss_sum: torch.Tensor,
+    seen_here: int,
+    train_time: float,
+    scheduler: Any,
+    elapsed: float,
+) -> dict[str, Any]:
+    """Validate on every rank's shard and reduce train loss, validation and speed over all ranks."""
+    val_loss, val_correct, val_n = _evaluate_shard(
+        ev.model, ev.pre, ev.x, ev.y, ev.rank, ev.world, ev.batch_size, ev.device, ev.use_bf16
+    )
+    total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
+        [float(loss_sum), seen_here * 1.0, val_loss, val_correct, val_n], ev.device
+    )
+    (max_time,) = _all_reduce([train_time], ev.device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    return {
+        "epoch": round(epoch, 4),
+        "train_loss": total_loss / max(1.0, seen),
+        "val_loss": v_loss / max(1.0, v_n),
+        "val_accuracy": v_correct / max(1.0, v_n),
+        "images_per_s": seen / max(1e-9, max_time),
+        "lr": float(scheduler.get_last_lr()[0]),
+        "elapsed_s": elapsed,
+    }
+
+
+def _log_progress(metrics: dict[str, Any], cfg: Config, rank: int, tracker: Any) -> None:
+    if rank != 0:
+        return
+    print(
+        f"epoch {metrics['epoch']:g}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+        f"{metrics['images_per_s']:.0f} img/s  elapsed {metrics['elapsed_s']:.0f}s",
+        flush=True,
+    )
+    if tracker is not None:
+        tracker.log(metrics)
 
 
 @torch.inference_mode()

@@ -146,3 +146,24 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
     rows = _rows(Path(cfg.output_dir) / "sweep.csv")
     assert len(rows) == 2 and all(r["status"] == "ERROR" for r in rows)
     assert not (Path(cfg.output_dir) / "best").exists()
+
+
+@pytest.mark.slow
+def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(ray_cluster: None, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        "tune.lrs=[1e-3,50.0]",
+        "train.epochs=2",
+        "train.evals_per_epoch=2",
+        "tune.grace_period=0.5",
+        "tune.max_concurrent_trials=1",  # trials in grid order: the absurd one meets a recorded rung
+        "scaling.num_workers=1",
+    )
+    summary = sweep.run_sweep(cfg)
+    rows = {float(r["lr"]): r for r in _rows(Path(cfg.output_dir) / "sweep.csv")}
+    assert rows[50.0]["epochs_completed"] == "0.5" and rows[50.0]["stopped_early"] == "True"
+    assert rows[1e-3]["epochs_completed"] == "2" and rows[1e-3]["best"] == "True"
+    assert summary.metrics["learning_rate"] == 1e-3
+    # checkpoints (and the history behind the plots) stay per epoch
+    for f in (Path(cfg.output_dir) / "trials").glob("*/history.jsonl"):
+        assert {json.loads(line)["epoch"] for line in f.read_text().splitlines()} <= {1, 2}

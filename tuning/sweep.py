@@ -112,7 +112,7 @@ def build_tuner(cfg: Config, trainable: Any, placement: Placement, out: Path, re
     scheduler = ASHAScheduler(
         time_attr="epoch",
         max_t=cfg.train.epochs,
-        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),  # type: ignore[arg-type]  # floats work
         reduction_factor=cfg.tune.reduction_factor,
     )
     # The trial driver only waits on its TorchTrainer: a sliver of CPU, so that a
@@ -145,7 +145,7 @@ def build_tuner(cfg: Config, trainable: Any, placement: Placement, out: Path, re
 class TrialRow:
     trial_id: str
     lr: float
-    epochs_completed: int
+    epochs_completed: float
     best_val_accuracy: float
     best_epoch: int
     stopped_early: bool
@@ -157,7 +157,7 @@ class TrialRow:
         return {
             "trial_id": self.trial_id,
             "lr": f"{self.lr:.6g}",
-            "epochs_completed": self.epochs_completed,
+            "epochs_completed": f"{self.epochs_completed:g}",
             "best_val_accuracy": f"{self.best_val_accuracy:.4f}"
             if not math.isnan(self.best_val_accuracy)
             else "",
@@ -170,14 +170,19 @@ class TrialRow:
 
 
 def trial_rows(results: Any, epochs: int) -> list[TrialRow]:
-    """One row per trial from its full metrics history (validation only)."""
+    """One row per trial from its metrics history: the best *checkpointed* validation result
+    (what can be exported), else the best mid-epoch one (a trial stopped before its first
+    checkpoint), and how far it got."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
         history = df.to_dict("records") if df is not None and len(df) else []
         with_val = [h for h in history if isinstance(h.get(METRIC), (int, float))]
-        best = max(with_val, key=lambda h: (h[METRIC], -h["epoch"])) if with_val else None
-        done = int(max((h.get("epoch", 0) for h in history), default=0))
+        with_ckpt = [
+            h for h in with_val if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
+        ]
+        best = max(with_ckpt or with_val, key=lambda h: (h[METRIC], -h["epoch"])) if with_val else None
+        done = float(max((h.get("epoch", 0) for h in history), default=0))
         err = "" if r.error is None else str(r.error).strip().splitlines()[-1][:200]
         rows.append(
             TrialRow(
@@ -189,7 +194,7 @@ def trial_rows(results: Any, epochs: int) -> list[TrialRow]:
                 stopped_early=r.error is None and done < epochs,
                 status="ERROR" if r.error is not None else "OK",
                 error=err,
-                checkpoint_path=str(best.get("checkpoint_path", "")) if best else "",
+                checkpoint_path=str(best["checkpoint_path"]) if best and best in with_ckpt else "",
             )
         )
     return rows
@@ -227,7 +232,7 @@ def format_table(rows: list[TrialRow], best: TrialRow | None) -> str:
         mark = " *" if best is not None and r.trial_id == best.trial_id else ""
         acc = "-" if math.isnan(r.best_val_accuracy) else f"{r.best_val_accuracy:.4f}"
         lines.append(
-            f"{r.trial_id:<12} {r.lr:>10.3g} {r.epochs_completed:>6} {acc:>12} {r.stopped_early!s:>10}  {r.status}{mark}"
+            f"{r.trial_id:<12} {r.lr:>10.3g} {r.epochs_completed:>6g} {acc:>12} {r.stopped_early!s:>10}  {r.status}{mark}"
         )
     return "\n".join(lines)
 
