@@ -23,7 +23,13 @@ from rayvit.preprocess import preprocess_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
-TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_dim=64"]
+TINY_MODEL = [
+    "model.image_size=32",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.mlp_dim=64",
+]
 
 #: Replicas import this checkout's code, whatever else the Python environment has installed.
 CODE_ENV: dict[str, Any] = {"env_vars": {"PYTHONPATH": str(ROOT)}}

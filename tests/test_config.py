@@ -16,7 +16,7 @@ def test_yaml_and_overrides_merge() -> None:
     assert cfg.train.lr == 0.01
     assert cfg.scaling.num_workers == 3
     assert cfg.model.pretrained is None
-    assert cfg.model.image_size == 32  # from the file
+    assert cfg.model.image_size == 24  # from the file
     assert cfg.data.path == "uoft-cs/cifar10"  # default kept
 
 
