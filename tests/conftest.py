@@ -37,6 +37,8 @@ TINY = [
     "scaling.cpus_per_worker=0.5",
     "ray.num_cpus=2",
     "tune.lrs=null",
+    "train.evals_per_epoch=1",  # tests that need mid-epoch validation ask for it
+    "tune.grace_period=1",
     "wandb.mode=offline",
 ]
 

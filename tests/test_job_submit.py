@@ -28,6 +28,7 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the head's processes must ask the head, not another cluster
     # A throwaway loopback head: no token auth, so the CLI and the HTTP polls need no token.
     env["RAY_AUTH_MODE"] = "disabled"
     dash = _free_port()
