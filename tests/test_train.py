@@ -80,7 +80,8 @@ def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:
     cfg = json.loads((best / "config.json").read_text())
     assert cfg["id2label"]["0"] == "airplane" and cfg["label2id"]["truck"] == 9
     proc = json.loads((best / "preprocessor_config.json").read_text())
-    assert proc["size"] == {"height": 32, "width": 32}
+    side = tiny_config(trained_run).model.image_size  # the preprocessing the model was trained with
+    assert proc["size"] == {"height": side, "width": side}
     assert proc["image_mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
     assert (best / "model.safetensors").stat().st_size > 10_000
     assert "output_dir" in (best / "config.yaml").read_text()
