@@ -160,7 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx_eval = _EvalContext(
         model, pre, val_x, val_y, rank, world, cfg.train.eval_batch_size, device, use_bf16
     )
-    evals = max(1, min(cfg.train.evals_per_epoch, steps_per_epoch))
+    evals = min(cfg.train.evals_per_epoch, steps_per_epoch)
     mid_epoch_evals = {round(steps_per_epoch * k / evals) for k in range(1, evals)}
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -217,13 +217,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scheduler,
             elapsed_before + time.perf_counter() - t_start,
         )
-        metrics["epoch"] = epoch
-        _log_progress(metrics, cfg, rank, None)
+        _log_progress(metrics, cfg, rank, tracker)
         if rank == 0:
             with (run_dir / HISTORY_FILE).open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            if tracker is not None:
-                tracker.log(metrics)
         with tempfile.TemporaryDirectory(prefix="rayvit-ckpt-") as tmp:
             ckpt = None
             if rank == 0:

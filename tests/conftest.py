@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +72,20 @@ def trained_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("trained")
     summary = run_training(tiny_config(tmp))
     return summary.best_dir.parent
+
+
+def run_train_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``ray_jobs/train.py --config configs/quick.yaml ARGS`` in a process (and local cluster) of its own."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "train.py"),
+            "--config",
+            str(ROOT / "configs" / "quick.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )

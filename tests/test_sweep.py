@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_config
+from conftest import TINY, run_train_cli, tiny_config
 
 import tuning.sweep as sweep
 from rayvit.errors import UserError
@@ -152,11 +152,6 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
 def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> None:
     """Through the CLI, on a cluster of its own: a stopped trial's resources are released by Ray
     Train's placement-group cleaner, which needs the dashboard the job's local cluster has."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, TINY
-
     out = tmp_path / "run"
     args = [
         *TINY,
@@ -168,10 +163,7 @@ def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> No
         "tune.max_concurrent_trials=1",  # trials in grid order: the absurd one meets a recorded rung
         "scaling.num_workers=1",
     ]
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "ray_jobs" / "train.py"), "--config", str(ROOT / "configs" / "quick.yaml"), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
-    )  # fmt: skip
+    run = run_train_cli(args, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {float(r["lr"]): r for r in _rows(out / "sweep.csv")}
     assert rows[50.0]["epochs_completed"] == "0.5" and rows[50.0]["stopped_early"] == "True"

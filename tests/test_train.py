@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA_DIR, ROOT, TINY, tiny_config
+from conftest import DATA_DIR, ROOT, TINY, run_train_cli, tiny_config
 
 from rayvit.checkpoint import check_model_folder
 from rayvit.data import load_test
@@ -127,16 +127,6 @@ def test_worker_fault_recovers_from_checkpoint(ray_cluster: None, tmp_path: Path
     assert state["epoch"] == 2
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, TRAIN_PY, "--config", str(ROOT / "configs" / "quick.yaml"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -147,7 +137,7 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    out = _cli([f"output_dir={tmp_path / 'run'}", f"data.path={DATA_DIR}", *args])
+    out = run_train_cli([f"output_dir={tmp_path / 'run'}", f"data.path={DATA_DIR}", *args])
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
@@ -183,7 +173,7 @@ def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
     done_before = _registered_epoch(run_dir)
     assert done_before < 3
 
-    out = _cli(args)
+    out = run_train_cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr
     assert f"resuming from checkpoint after epoch {done_before}" in log
