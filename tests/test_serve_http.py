@@ -75,7 +75,8 @@ def test_multipart_one_and_several_files_in_order(
     classifier: str, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, _ = cifar_test
-    blobs = [cifar_png(images, i) for i in range(5)]
+    n = 20  # over the fixture's max_batch_size (16): one request spans two batch-queue chunks
+    blobs = [cifar_png(images, i) for i in range(n)]
     singles = [post_raw(classifier, b).json() for b in blobs]
     one = requests.post(
         f"{classifier}/predict", files={"file": ("a.png", blobs[0], "image/png")}, timeout=TIMEOUT
@@ -86,7 +87,7 @@ def test_multipart_one_and_several_files_in_order(
     assert many.status_code == 200, many.text
     preds = many.json()["predictions"]
     assert [p["label"] for p in preds] == [s["label"] for s in singles]
-    assert [p["filename"] for p in preds] == [f"{i}.png" for i in range(5)]
+    assert [p["filename"] for p in preds] == [f"{i}.png" for i in range(n)]
     for p, s in zip(preds, singles, strict=True):
         check_prediction(p, 2)
         assert p["probability"] == pytest.approx(s["probability"], abs=1e-5)
