@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def _maybe_inject_fault(cfg: Config, run_dir: Path, epoch: int, rank: int, world
     if marker.exists():
         return
     marker.write_text(f"worker rank {rank} killed during epoch {epoch}\n")
-    print(f"[fault injection] killing worker rank {rank} during epoch {epoch}", flush=True)
+    _say(f"[fault injection] killing worker rank {rank} during epoch {epoch}")
     time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
     os._exit(1)
 
@@ -150,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
-            print(f"resuming from checkpoint after epoch {state['epoch']}", flush=True)
+            _say(f"resuming from checkpoint after epoch {state['epoch']}")
 
     wb = loop_config.get("wandb") or {}
     tracker = None
@@ -283,14 +284,23 @@ def _epoch_metrics(
     }
 
 
+def _say(line: str) -> None:
+    """One line on the worker's stdout, which Ray streams to the driver.
+
+    Not ``print``: Train V2 replaces ``print`` in its workers with a version that logs the
+    line and, since Ray's worker has swapped ``sys.stdout``, also prints it: every line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _log_progress(metrics: dict[str, Any], cfg: Config, rank: int, tracker: Any) -> None:
     if rank != 0:
         return
-    print(
+    _say(
         f"epoch {metrics['epoch']:g}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-        f"{metrics['images_per_s']:.0f} img/s  elapsed {metrics['elapsed_s']:.0f}s",
-        flush=True,
+        f"{metrics['images_per_s']:.0f} img/s  elapsed {metrics['elapsed_s']:.0f}s"
     )
     if tracker is not None:
         tracker.log(metrics)
