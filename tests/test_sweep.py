@@ -18,9 +18,15 @@ from tuning.sweep import TrialRow, select_best
 
 @pytest.fixture(scope="module")
 def sweep_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A finished sweep: a sane learning rate and an absurd one (known outcome)."""
+    """A finished sweep: a sane learning rate and an absurd one (known outcome).
+
+    ASHA's first rung is at the last epoch, so no trial is stopped early and each trains both
+    epochs whatever order Tune runs them in (early stopping has a test of its own).
+    """
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = tiny_config(tmp, "tune.lrs=[1e-3,50.0]", "train.epochs=2", "scaling.num_workers=1")
+    cfg = tiny_config(
+        tmp, "tune.lrs=[1e-3,50.0]", "train.epochs=2", "tune.grace_period=2", "scaling.num_workers=1"
+    )
     calls: list[str] = []
     from rayvit.run import evaluate_on_test as original
 
@@ -139,6 +145,7 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
         "train.epochs=2",
         "train.inject_fault_epoch=1",
         "train.max_failures=0",
+        "tune.grace_period=2",  # ASHA must not stop a trial before its fault in epoch 2
         "scaling.num_workers=1",
     )
     with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.001\)"):
