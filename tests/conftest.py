@@ -74,16 +74,21 @@ def trained_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
     return summary.best_dir.parent
 
 
+def train_cli_argv(args: list[str]) -> list[str]:
+    """The command line ``ray_jobs/train.py --config configs/quick.yaml ARGS``."""
+    return [
+        sys.executable,
+        str(ROOT / "ray_jobs" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "quick.yaml"),
+        *args,
+    ]
+
+
 def run_train_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``ray_jobs/train.py --config configs/quick.yaml ARGS`` in a process (and local cluster) of its own."""
+    """The train CLI in a process (and local cluster) of its own."""
     return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "ray_jobs" / "train.py"),
-            "--config",
-            str(ROOT / "configs" / "quick.yaml"),
-            *args,
-        ],
+        train_cli_argv(args),
         capture_output=True,
         text=True,
         timeout=timeout,

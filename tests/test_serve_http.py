@@ -75,7 +75,7 @@ def test_multipart_one_and_several_files_in_order(
     classifier: str, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, _ = cifar_test
-    n = 20  # over the fixture's max_batch_size (16): one request spans two batch-queue chunks
+    n = 20  # over the fixture's max_batch_size (16): one request spans more than one forward pass
     blobs = [cifar_png(images, i) for i in range(n)]
     singles = [post_raw(classifier, b).json() for b in blobs]
     one = requests.post(

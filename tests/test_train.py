@@ -6,20 +6,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA_DIR, ROOT, TINY, run_train_cli, tiny_config
+from conftest import DATA_DIR, ROOT, TINY, run_train_cli, tiny_config, train_cli_argv
 
 from rayvit.checkpoint import check_model_folder
 from rayvit.data import load_test
 from rayvit.predict import Predictor
 from rayvit.run import TRAIN_NAME, run_training
-
-TRAIN_PY = str(ROOT / "ray_jobs" / "train.py")
 
 
 def _checkpoint_epochs(run_dir: Path) -> list[int]:
@@ -156,7 +153,7 @@ def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
         "scaling.cpus_per_worker=1",
     ]
     proc = subprocess.Popen(
-        [sys.executable, TRAIN_PY, "--config", str(ROOT / "configs" / "quick.yaml"), *args],
+        train_cli_argv(args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
