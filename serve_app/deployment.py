@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -72,14 +73,16 @@ class ViTClassifier:
 
         hf_logging.disable_progress_bar()
         self.settings = ReplicaSettings()
-        torch.set_num_threads(_thread_count(self.settings.torch_threads))
+        self._threads = _thread_count(self.settings.torch_threads)
+        self._thread_state = threading.local()
+        self.forward_threads = 0  # torch threads of the last forward pass, as the model ran it
         self.predictor = Predictor(model_dir)
         self.name, self.version = model_identity(self.predictor.path, self.predictor.metrics)
         self.model_info = {"name": self.name, "version": self.version}
         self.metrics = ServeMetrics(self.name, self.version)
         limit_pil_pixels(self.settings.max_pixels)
         side = self.predictor.pre.image_size
-        self.predictor.probabilities([np.zeros((side, side, 3), np.uint8)])  # warm-up
+        self._forward([np.zeros((side, side, 3), np.uint8)])  # warm-up
         logger.info(f"loaded model {self.name} {self.version} from {model_dir} on {self.predictor.device}")
 
     # -- settings ---------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ class ViTClassifier:
         settings = replica_settings(user_config)
         self.infer.set_max_batch_size(settings.max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        torch.set_num_threads(_thread_count(settings.torch_threads))
+        self._threads = _thread_count(settings.torch_threads)
         limit_pil_pixels(settings.max_pixels)
         self.settings = settings
 
@@ -171,6 +174,13 @@ class ViTClassifier:
         return list(probs)
 
     def _forward(self, images: list[np.ndarray]) -> np.ndarray:
+        # torch's (OpenMP) thread count belongs to the calling thread, and Serve runs __init__,
+        # reconfigure and the batch handler on different threads: set it where the model runs.
+        state = self._thread_state
+        if getattr(state, "threads", None) != self._threads:
+            torch.set_num_threads(self._threads)
+            state.threads = self._threads
+        self.forward_threads = torch.get_num_threads()
         return self.predictor.probabilities(images).numpy()
 
     def _prediction(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
@@ -199,7 +209,7 @@ class ViTClassifier:
             "batch": [infer._get_max_batch_size(), infer._get_batch_wait_timeout_s()],
             "model": self.model_info,
             "settings": self.settings.model_dump(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": self.forward_threads,
             "device": str(self.predictor.device),
         }
 

@@ -302,15 +302,24 @@ def test_health_model_info_and_upload_page(classifier: str) -> None:
     assert "http://" not in html and "https://" not in html  # no external assets
 
 
-def test_batching_settings_change_at_runtime_without_restart(classifier: str, tiny_models: Models) -> None:
-    """A new ``user_config`` (as ``serve deploy`` of an edited serve.yaml) reaches ``reconfigure`` live."""
+def test_batching_settings_change_at_runtime_without_restart(
+    classifier: str, tiny_models: Models, cifar_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A new ``user_config`` (as ``serve deploy`` of an edited serve.yaml) reaches ``reconfigure`` live,
+    and its torch thread count reaches the thread that runs the model."""
     from ray import serve
     from serve_support import TEST_OPTIONS, deploy_config, serve_config
 
     handle = serve.get_app_handle("rayvit")
     before = handle.replica_info.remote().result(timeout_s=TIMEOUT)
     assert before["settings"]["max_batch_size"] == 16 and before["batch"] == [16, 0.002]
-    new = {**TEST_OPTIONS["user_config"], "max_batch_size": 8, "batch_wait_timeout_s": 0.02}
+    assert before["torch_threads"] == 1
+    new = {
+        **TEST_OPTIONS["user_config"],
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.02,
+        "torch_threads": 2,
+    }
 
     def info() -> dict[str, Any]:
         return dict(handle.replica_info.remote().result(timeout_s=TIMEOUT))
@@ -321,7 +330,8 @@ def test_batching_settings_change_at_runtime_without_restart(classifier: str, ti
         after = info()
         assert after["settings"]["max_batch_size"] == 8
         assert after["pid"] == before["pid"], "a user_config change must not restart the replica"
-        assert requests.get(f"{classifier}/healthz", timeout=TIMEOUT).ok
+        assert post_raw(classifier, cifar_png(cifar_test[0], 0)).status_code == 200
+        assert info()["torch_threads"] == 2
     finally:
         deploy_config(serve_config(tiny_models.a))
         assert wait_until(lambda: info()["batch"] == [16, 0.002], 120)
