@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def quiet_libraries() -> None:
@@ -15,3 +16,13 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def say(line: str) -> None:
+    """One line on stdout, which Ray streams from a worker to the driver.
+
+    Not ``print``: Train V2 replaces ``print`` in its workers with a version that logs the
+    line and, since Ray's worker has swapped ``sys.stdout``, also prints it: every line twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rayvit.config import Config
+from rayvit.logs import say
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -54,7 +55,7 @@ def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) ->
             )
         except Exception as exc:
             last = exc
-    print(f"warning: wandb disabled for {name}: {str(last).splitlines()[-1][:200]}", flush=True)
+    say(f"warning: wandb disabled for {name}: {str(last).splitlines()[-1][:200]}")
     return None
 
 

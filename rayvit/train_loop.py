@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from rayvit.checkpoint import (
     save_training_checkpoint,
 )
 from rayvit.config import Config, config_from_dict
-from rayvit.logs import quiet_libraries
+from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
 from rayvit.preprocess import Preprocessor
 from rayvit.tracking import start_run
@@ -101,7 +100,7 @@ def _maybe_inject_fault(cfg: Config, run_dir: Path, epoch: int, rank: int, world
     if marker.exists():
         return
     marker.write_text(f"worker rank {rank} killed during epoch {epoch}\n")
-    _say(f"[fault injection] killing worker rank {rank} during epoch {epoch}")
+    say(f"[fault injection] killing worker rank {rank} during epoch {epoch}")
     time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
     os._exit(1)
 
@@ -151,7 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
-            _say(f"resuming from checkpoint after epoch {state['epoch']}")
+            say(f"resuming from checkpoint after epoch {state['epoch']}")
 
     wb = loop_config.get("wandb") or {}
     tracker = None
@@ -284,20 +283,10 @@ def _epoch_metrics(
     }
 
 
-def _say(line: str) -> None:
-    """One line on the worker's stdout, which Ray streams to the driver.
-
-    Not ``print``: Train V2 replaces ``print`` in its workers with a version that logs the
-    line and, since Ray's worker has swapped ``sys.stdout``, also prints it: every line twice.
-    """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def _log_progress(metrics: dict[str, Any], cfg: Config, rank: int, tracker: Any) -> None:
     if rank != 0:
         return
-    _say(
+    say(
         f"epoch {metrics['epoch']:g}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
         f"{metrics['images_per_s']:.0f} img/s  elapsed {metrics['elapsed_s']:.0f}s"
