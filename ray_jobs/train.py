@@ -14,8 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any cwd
 
 from rayvit.cli import parse_config, run_cli
-from rayvit.run import run_training
-from tuning import is_sweep, run_sweep
+from tuning import run_job
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
 
@@ -23,7 +22,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.ya
 def main(argv: Sequence[str] | None = None) -> None:
     def _main() -> None:
         cfg = parse_config(argv, DEFAULT_CONFIG, "Sweep, train and export a ViT image classifier on Ray.")
-        summary = run_sweep(cfg) if is_sweep(cfg) else run_training(cfg)
+        summary = run_job(cfg)
         state = "already finished" if summary.resumed_finished else "exported"
         print(
             f"{state}: {summary.best_dir}  test_accuracy {summary.metrics.get('test_accuracy', float('nan')):.4f}  "

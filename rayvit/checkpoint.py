@@ -3,8 +3,8 @@
 A training checkpoint is ``model/`` (an HF ``save_pretrained`` folder with its
 ``preprocessor_config.json``), ``training_state.pt`` (optimizer, scheduler,
 epoch), ``config.yaml`` and ``metrics.json``. The exported model folder is the
-``model/`` part of the best checkpoint plus ``metrics.json`` and ``config.yaml``:
-serving needs nothing else.
+``model/`` part of the best checkpoint plus ``metrics.json`` and ``config.yaml``
+(see ``rayvit.export``): serving needs nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from transformers import ViTForImageClassification
 
 from rayvit.config import Config
 from rayvit.errors import UserError
+from rayvit.logs import say
 from rayvit.preprocess import Preprocessor
 
 MODEL_DIR = "model"
@@ -33,7 +34,7 @@ PROCESSOR_FILE = "preprocessor_config.json"
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically so a crash never leaves a truncated file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -67,26 +68,62 @@ def save_training_checkpoint(
     write_json(folder / METRICS_FILE, metrics)
 
 
-def export_model(checkpoint_dir: Path, dest: Path, metrics: dict[str, Any], extra_files: list[Path]) -> Path:
-    """Copy the checkpoint's model folder to ``dest`` with metrics; atomic rename.
+@dataclass
+class Restored:
+    model: ViTForImageClassification
+    state: dict[str, Any]
+    """optimizer, scheduler, epoch, elapsed_s"""
 
-    ``metrics.json`` is written last inside a temporary folder that is renamed
-    into place, so a folder named ``dest`` is always complete.
+
+def load_training_checkpoint(checkpoint: Any, attn_implementation: str) -> Restored | None:
+    """What ``save_training_checkpoint`` wrote, from a Ray Train checkpoint (None: start fresh).
+
+    A checkpoint that cannot be read (a torn upload, a corrupt file) is reported and the
+    previous one kept beside it in the run's folder is tried instead.
     """
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir / MODEL_DIR, tmp)
-    shutil.copy2(checkpoint_dir / CONFIG_FILE, tmp / CONFIG_FILE)
-    for f in extra_files:
-        shutil.copy2(f, tmp / f.name)
-    write_json(tmp / METRICS_FILE, metrics)
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    if checkpoint is None:
+        return None
+    for candidate in _newest_first(checkpoint):
+        try:
+            with candidate.as_directory() as d:
+                # from_pretrained, not load_state_dict: transformers maps its saved key names.
+                model = ViTForImageClassification.from_pretrained(
+                    Path(d) / MODEL_DIR, attn_implementation=attn_implementation
+                )
+                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            return Restored(model, state)
+        except Exception as exc:
+            say(
+                f"warning: checkpoint {candidate.path} cannot be read ({_reason(exc)}); trying the previous one"
+            )
+    raise UserError(f"no readable checkpoint in {Path(checkpoint.path).parent} to resume from")
+
+
+def _newest_first(checkpoint: Any) -> list[Any]:
+    """``checkpoint`` and then the older ``checkpoint_*`` folders beside it, newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        infos = []
+    older = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    return [checkpoint] + [Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older if n < name]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def check_model_folder(folder: str | Path) -> Path:

@@ -78,15 +78,19 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=-1)
     inject_fault_epoch: int | None = Field(None, ge=1)
     """Chaos testing: the last worker dies once, midway through the epoch after this one."""
+    compile: bool = False
+    """``torch.compile`` the model (worth it on GPUs for long runs; slow to start on CPUs)."""
 
 
 class ScalingSection(_Section):
-    num_workers: int | Literal["auto"] = "auto"
-    """auto = one per GPU in the cluster, else one CPU worker."""
+    num_workers: int | tuple[int, int] | Literal["auto"] = "auto"
+    """A fixed count, an elastic ``[min, max]`` range (Train V2 resizes between them), or auto =
+    one worker per GPU the cluster has or its autoscaler can add, else one CPU worker."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """auto = GPUs when the cluster has them or its autoscaler can add them."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     check_resources: bool = True
-    """Fail fast when the cluster cannot place the workers (off for autoscaling clusters)."""
+    """Fail at once when even a fully scaled-up cluster could never place the workers."""
 
 
 class TuneSection(_Section):
@@ -120,6 +124,12 @@ class RayConfig(_Section):
     """Logical CPUs of a local cluster started by the job; null = all cores."""
 
 
+class StorageSection(_Section):
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for ``s3://`` output (MinIO, a local test server); null = the
+    filesystem's default (``AWS_ENDPOINT_URL`` when set)."""
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -128,7 +138,15 @@ class Config(_Section):
     ray: RayConfig = RayConfig()
     tune: TuneSection = TuneSection()
     wandb: WandbSection = WandbSection()
+    storage: StorageSection = StorageSection()
     output_dir: str = "runs/default"
+    """Where checkpoints, Tune state, sweep.csv and best/ live: a local or shared folder, or a
+    storage URI (``gs://bucket/prefix``, ``s3://...``) that every node reaches."""
+    local_dir: str = "~/.cache/rayvit"
+    """This node's folder for what must be local: wandb offline files when output_dir is a
+    URI, downloaded models."""
+    restart: bool = False
+    """Train from scratch even though output_dir holds a run (its contents are replaced)."""
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

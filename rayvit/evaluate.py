@@ -24,6 +24,7 @@ from rayvit.checkpoint import METRICS_FILE, write_json
 from rayvit.config import DataConfig
 from rayvit.dvc import data_fingerprint
 from rayvit.errors import UserError
+from rayvit.plots import confusion_matrix, plot_confusion
 
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 
@@ -33,12 +34,6 @@ class EvalResult:
     metrics: dict[str, Any]
     confusion: np.ndarray
     labels: list[str]
-
-
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n: int) -> np.ndarray:
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (labels, preds), 1)
-    return cm
 
 
 def training_curve(run_dir: Path) -> list[dict[str, float]]:
@@ -61,7 +56,7 @@ def evaluate_model(
 ) -> EvalResult:
     """Test-split loss/accuracy of an exported model folder with ``Predictor``."""
     from rayvit.data import class_names, load_dataset_dict, load_test
-    from rayvit.predict import Predictor, evaluate_arrays
+    from rayvit.predict import Predictor, evaluate, use_bf16
 
     predictor = Predictor(model_dir)
     data_cfg = DataConfig(path=data_path, test_limit=test_limit)
@@ -71,10 +66,12 @@ def evaluate_model(
             f"model labels {predictor.labels} differ from the data set's class names {names} ({data_path})"
         )
     test = load_test(data_cfg, predictor.pre.image_size)
-    loss, acc, pred = evaluate_arrays(
-        predictor.model, predictor.pre, test.images, test.labels, batch_size, predictor.device
+    dev = predictor.device
+    res = evaluate(
+        predictor.model, predictor.pre, test.images, test.labels, batch_size, dev, use_bf16("auto", dev)
     )
-    cm = confusion_matrix(test.labels, pred, len(names))
+    loss, acc = res.loss, res.accuracy
+    cm = confusion_matrix(test.labels, res.predictions, len(names))
     per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
     trained = predictor.metrics.get("data", {}) if isinstance(predictor.metrics.get("data"), dict) else {}
     metrics: dict[str, Any] = {
@@ -106,26 +103,5 @@ def write_reports(result: EvalResult, out_dir: str | Path, run_dir: Path | None)
         dw.writeheader()
         for row in training_curve(run_dir) if run_dir is not None else []:
             dw.writerow({**row, "epoch": int(row["epoch"])})
-    plot_confusion(result.confusion, result.labels, out / "confusion.png")
+    plot_confusion(result.confusion, result.labels, out / "confusion.png", "test confusion matrix")
     return out
-
-
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

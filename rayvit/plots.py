@@ -36,7 +36,8 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return path
 
 
-def confusion_matrix(labels: list[int], preds: list[int], n: int) -> np.ndarray:
+def confusion_matrix(labels: Any, preds: Any, n: int) -> np.ndarray:
+    """``cm[true, predicted]`` counts."""
     cm = np.zeros((n, n), dtype=np.int64)
     np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
     return cm

@@ -65,26 +65,49 @@ class Predictor:
         return out
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """The one autocast rule of training, evaluation and serving: ``auto`` = bf16 on GPUs."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float
+    correct: int
+    count: int
+    predictions: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.count)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.count)
+
+
 @torch.inference_mode()
-def evaluate_arrays(
+def evaluate(
     model: torch.nn.Module,
     pre: Preprocessor,
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
     device: torch.device,
-) -> tuple[float, float, np.ndarray]:
-    """Loss, accuracy and predictions over arrays, in fixed-size batches."""
+    bf16: bool,
+) -> EvalResult:
+    """Summed loss, correct count and predictions over uint8 arrays, in fixed-size batches.
+
+    Validation during training, the final test evaluation and the evaluate stage all call this.
+    """
     model.eval()
     loss_sum, preds = 0.0, []
-    use_bf16 = device.type == "cuda"
     for i in range(0, len(labels), batch_size):
         x = pre(torch.from_numpy(images[i : i + batch_size]).to(device))
         y = torch.from_numpy(labels[i : i + batch_size]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(pixel_values=x).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         preds.append(logits.argmax(-1).cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    n = max(1, len(labels))
-    return loss_sum / n, float((pred == labels).mean()) if len(labels) else 0.0, pred
+    return EvalResult(loss_sum, int((pred == labels).sum()), len(labels), pred)

@@ -1,17 +1,18 @@
 """The per-worker training function that Ray Train runs on every worker.
 
-Each worker gets the config (unchanged, as a dict) and object-store references
-to the uint8 train/val arrays; it reads only its shard of each epoch, reduces
-metrics over all workers, and rank 0 reports a full checkpoint every epoch.
+Each worker gets one frozen ``WorkerSpec`` (config, preprocessor, class names,
+object-store references to the uint8 train/val arrays, where the run lives);
+it reads only its shard of each epoch, reduces metrics over all workers, and
+rank 0 reports a full checkpoint every epoch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,31 +25,50 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rayvit.checkpoint import (
-    MODEL_DIR,
-    STATE_FILE,
-    save_training_checkpoint,
-)
-from rayvit.config import Config, config_from_dict
+from rayvit.checkpoint import load_training_checkpoint, save_training_checkpoint
+from rayvit.config import Config
 from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
+from rayvit.perf import mfu, peak_flops, vit_train_flops_per_image
+from rayvit.predict import evaluate, use_bf16
 from rayvit.preprocess import Preprocessor
+from rayvit.storage import Storage
 from rayvit.tracking import start_run
 
 FAULT_MARKER = ".fault_injected"
-HISTORY_FILE = "history.jsonl"
+#: Ray Train's record of the checkpoints it has registered, in the run's folder.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Per-epoch metrics of a run, last report per epoch winning (a resumed epoch re-reports)."""
-    f = run_dir / HISTORY_FILE
-    by_epoch: dict[int, dict[str, Any]] = {}
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                by_epoch[int(rec["epoch"])] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
+@dataclass(frozen=True)
+class DataRefs:
+    """Object-store references to the decoded train and validation arrays."""
+
+    train_images: Any
+    train_labels: Any
+    val_images: Any
+    val_labels: Any
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    mode: str
+    group: str
+    name: str
+    dir: str
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a training worker needs, typed, as it crosses into Ray Train."""
+
+    cfg: Config
+    pre: Preprocessor
+    class_names: tuple[str, ...]
+    data: DataRefs
+    run: Storage
+    """This run's folder (Ray Train's ``storage_path/name``)."""
+    wandb: WandbSpec
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Any:
@@ -84,155 +104,180 @@ def worker_threads(cfg: Config) -> int:
     return cfg.train.num_threads or max(1, int(cfg.scaling.cpus_per_worker))
 
 
-def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return [float(v) for v in t.tolist()]
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of each epoch: a seeded permutation shared by all ranks, strided by rank.
+
+    Every rank gets ``per_rank = n // world`` images an epoch, so all ranks take the same number
+    of steps; the ``n % world`` images left over differ from epoch to epoch.
+    """
+
+    n: int
+    rank: int
+    world: int
+    batch_size: int
+    seed: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.n // self.world
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.per_rank / self.batch_size))
+
+    def indices(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return perm[self.rank :: self.world][: self.per_rank]
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray]:
+        idx, bs = self.indices(epoch), self.batch_size
+        for step in range(self.steps):
+            # Sorted within a batch: cache-friendly copies; the order inside a batch is irrelevant.
+            yield np.sort(idx[step * bs : (step + 1) * bs])
 
 
-def _maybe_inject_fault(cfg: Config, run_dir: Path, epoch: int, rank: int, world: int) -> None:
-    """Chaos test hook: the last rank dies once, midway through the epoch after
-    ``inject_fault_epoch`` (whose checkpoint then has to carry the run)."""
-    if cfg.train.inject_fault_epoch is None or cfg.train.inject_fault_epoch + 1 != epoch or rank != world - 1:
+class DivergedError(Exception):
+    """The loss or the gradients stopped being finite."""
+
+
+def with_fault(
+    batches: Iterator[np.ndarray], spec: WorkerSpec, epoch: int, steps: int
+) -> Iterator[np.ndarray]:
+    """Chaos testing: the last rank dies once, midway through the epoch after
+    ``train.inject_fault_epoch``, once Ray Train has registered that epoch's checkpoint."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    target = spec.cfg.train.inject_fault_epoch
+    if target is None or target + 1 != epoch or rank != world - 1 or spec.run.exists(FAULT_MARKER):
+        yield from batches
         return
-    marker = run_dir / FAULT_MARKER
-    if marker.exists():
-        return
-    marker.write_text(f"worker rank {rank} killed during epoch {epoch}\n")
-    say(f"[fault injection] killing worker rank {rank} during epoch {epoch}")
-    time.sleep(2.0)  # let the controller register the previous epoch's checkpoint first
-    os._exit(1)
+    for step, batch in enumerate(batches):
+        if step == steps // 2:
+            _wait_for_registered_checkpoint(spec.run, target)
+            spec.run.write_text(f"worker rank {rank} killed during epoch {epoch}\n", FAULT_MARKER)
+            say(f"[fault injection] killing worker rank {rank} during epoch {epoch}")
+            os._exit(1)
+        yield batch
+
+
+def _wait_for_registered_checkpoint(run: Storage, epoch: int, timeout_s: float = 60.0) -> None:
+    """Block until the controller's snapshot names the checkpoint of ``epoch`` (what a restart
+    resumes from), so the injected fault tests a resume, not a restart from scratch."""
+    import json
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(run.read_text(SNAPSHOT_FILE)).get("latest_checkpoint_result") or {}
+            if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    spec: WorkerSpec = loop_config["spec"]
+    cfg = spec.cfg
     quiet_libraries()
-    cfg = config_from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    pre = Preprocessor(cfg.model.image_size, tuple(loop_config["mean"]), tuple(loop_config["std"]))
-    class_names: list[str] = loop_config["class_names"]
-    train_x, train_y = ray.get(loop_config["train_images"]), ray.get(loop_config["train_labels"])
-    val_x, val_y = ray.get(loop_config["val_images"]), ray.get(loop_config["val_labels"])
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(worker_threads(cfg))
     torch.manual_seed(cfg.seed)
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(cfg.train.precision, device)
+    train_x, train_y = ray.get(spec.data.train_images), ray.get(spec.data.train_labels)
+    val_x, val_y = ray.get(spec.data.val_images), ray.get(spec.data.val_labels)
 
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    if checkpoint is None:
-        model = build_model(cfg.model, class_names)
-    else:
-        # from_pretrained, not load_state_dict: transformers maps its saved key names.
-        from transformers import ViTForImageClassification
-
-        with checkpoint.as_directory() as d:
-            model = ViTForImageClassification.from_pretrained(
-                Path(d) / MODEL_DIR, attn_implementation=cfg.model.attn_implementation
-            )
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    restored = load_training_checkpoint(ray.train.get_checkpoint(), cfg.model.attn_implementation)
+    model = restored.model if restored else build_model(cfg.model, list(spec.class_names))
     ddp_model: torch.nn.Module = ray.train.torch.prepare_model(model)
+    forward: Any = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
-    per_rank = len(train_y) // world
-    bs = cfg.train.batch_size
-    steps_per_epoch = max(1, math.ceil(per_rank / bs))
-    optimizer = torch.optim.AdamW(param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr)
+    shard = Shard(len(train_y), rank, world, cfg.train.batch_size, cfg.seed)
+    optimizer = torch.optim.AdamW(
+        param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * cfg.train.epochs, cfg.train.warmup_fraction)
+        optimizer, warmup_cosine(shard.steps * cfg.train.epochs, cfg.train.warmup_fraction)
     )
     start_epoch, elapsed_before = 1, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        elapsed_before = float(state.get("elapsed_s", 0.0))
+    if restored is not None:
+        optimizer.load_state_dict(restored.state["optimizer"])
+        scheduler.load_state_dict(restored.state["scheduler"])
+        start_epoch = int(restored.state["epoch"]) + 1
+        elapsed_before = float(restored.state.get("elapsed_s", 0.0))
         if rank == 0:
-            say(f"resuming from checkpoint after epoch {state['epoch']}")
+            say(f"resuming from checkpoint after epoch {restored.state['epoch']}")
 
-    wb = loop_config.get("wandb") or {}
     tracker = None
-    if rank == 0 and wb:
-        tracker = start_run(cfg, wb["group"], wb["name"], Path(wb["dir"]), wb["mode"])
+    if rank == 0 and spec.wandb.mode != "disabled":
+        w = spec.wandb
+        tracker = start_run(cfg, w.group, w.name, Path(w.dir).expanduser(), w.mode)
 
-    ctx_eval = _EvalContext(
-        model, pre, val_x, val_y, rank, world, cfg.train.eval_batch_size, device, use_bf16
+    progress = _Progress(
+        cfg,
+        rank,
+        tracker,
+        _Validator(model, spec.pre, val_x[rank::world], val_y[rank::world], cfg, device, bf16),
+        peak_flops(device),
+        vit_train_flops_per_image(model.config),
     )
-    evals = min(cfg.train.evals_per_epoch, steps_per_epoch)
-    mid_epoch_evals = {round(steps_per_epoch * k / evals) for k in range(1, evals)}
-    t_start = time.perf_counter()
+    evals = min(cfg.train.evals_per_epoch, shard.steps)
+    mid_epoch_evals = {round(shard.steps * k / evals) for k in range(1, evals)}
+    t_start = time.perf_counter() - elapsed_before
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        # Same permutation on every rank; each rank reads only its strided shard.
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_y))
-        shard = perm[rank::world][:per_rank]
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
         ddp_model.train()
         loss_sum = torch.zeros((), device=device)
         t0, eval_time = time.perf_counter(), 0.0
-        for step in range(steps_per_epoch):
-            idx = np.sort(shard[step * bs : (step + 1) * bs])
-            x = torch.from_numpy(train_x[idx]).to(device, non_blocking=True)
+        batches = with_fault(shard.batches(epoch), spec, epoch, shard.steps)
+        for step, idx in enumerate(batches):
+            x = spec.pre(
+                torch.from_numpy(train_x[idx]).to(device, non_blocking=True),
+                train=cfg.train.augment,
+                generator=gen,
+            )
             y = torch.from_numpy(train_y[idx]).to(device, non_blocking=True)
-            x = pre(x, train=cfg.train.augment, generator=gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = ddp_model(pixel_values=x).logits
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            try:
+                loss = _train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
+            except DivergedError:
+                _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
+                return
             scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            if step == steps_per_epoch // 2:
-                _maybe_inject_fault(cfg, run_dir, epoch, rank, world)
+            loss_sum += loss * len(idx)
             if step + 1 in mid_epoch_evals:
                 # An early look for ASHA: metrics only; checkpoints stay at epoch ends.
                 t_eval = time.perf_counter()
                 done = step + 1
-                metrics = _epoch_metrics(
-                    ctx_eval,
-                    epoch - 1 + done / steps_per_epoch,
+                progress.report(
+                    epoch - 1 + done / shard.steps,
                     loss_sum,
-                    min(per_rank, done * bs),
+                    min(shard.per_rank, done * shard.batch_size),
                     t_eval - t0 - eval_time,
                     scheduler,
-                    elapsed_before + t_eval - t_start,
+                    t_eval - t_start,
                 )
-                _log_progress(metrics, cfg, rank, tracker)
-                ray.train.report(metrics)
                 ddp_model.train()
                 eval_time += time.perf_counter() - t_eval
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_time = time.perf_counter() - t0 - eval_time
-        metrics = _epoch_metrics(
-            ctx_eval,
+        metrics = progress.metrics(
             epoch,
             loss_sum,
-            per_rank,
-            train_time,
+            shard.per_rank,
+            time.perf_counter() - t0 - eval_time,
             scheduler,
-            elapsed_before + time.perf_counter() - t_start,
+            time.perf_counter() - t_start,
         )
-        _log_progress(metrics, cfg, rank, tracker)
-        if rank == 0:
-            with (run_dir / HISTORY_FILE).open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        # From the optimizer's own state: a resumed run continues the count, a restart would not.
+        metrics["optimizer_steps"] = _optimizer_steps(optimizer)
         with tempfile.TemporaryDirectory(prefix="rayvit-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
                 save_training_checkpoint(
-                    Path(tmp),
-                    model,
-                    pre,
-                    optimizer,
-                    scheduler,
-                    epoch,
-                    metrics,
-                    cfg,
+                    Path(tmp), model, spec.pre, optimizer, scheduler, epoch, metrics, cfg
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -240,83 +285,131 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
+def _train_step(
+    forward: Any,
+    ddp_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    bf16: bool,
+) -> torch.Tensor:
+    """One optimizer step; ``DivergedError`` (on every rank alike) when the gradients are not finite.
+
+    The gradient norm is computed after DDP's all-reduce, so every rank sees the same value
+    and they all stop at the same step; a non-finite loss on any rank makes it non-finite.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = forward(pixel_values=x).logits
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.train.grad_clip or math.inf)
+    if not bool(torch.isfinite(norm)):
+        raise DivergedError
+    optimizer.step()
+    return loss.detach()
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    for state in optimizer.state.values():
+        return int(state["step"])
+    return 0
+
+
+def _report_divergence(cfg: Config, epoch: int, step: int, scheduler: Any, rank: int, tracker: Any) -> None:
+    """One line, one last report that marks the run as diverged (no checkpoint), then stop."""
+    lr = float(scheduler.get_last_lr()[0])
+    reason = f"non-finite loss at step {step + 1} of epoch {epoch} (learning rate {lr:.3g})"
+    if rank == 0:
+        say(f"error: training diverged: {reason}")
+    # val_accuracy 0 ranks a diverged trial last for Tune's scheduler; `diverged` says why.
+    ray.train.report({"epoch": epoch - 1 + 1e-3, "val_accuracy": 0.0, "diverged": reason})
+    if tracker is not None:
+        tracker.finish()
+
+
 @dataclass
-class _EvalContext:
-    """What a validation pass needs; the same for mid-epoch and end-of-epoch passes."""
+class _Validator:
+    """Validation on this rank's strided slice of the validation split."""
 
     model: torch.nn.Module
     pre: Preprocessor
     x: np.ndarray
     y: np.ndarray
-    rank: int
-    world: int
-    batch_size: int
+    cfg: Config
     device: torch.device
-    use_bf16: bool
+    bf16: bool
+
+    def sums(self) -> tuple[float, float, float]:
+        r = evaluate(
+            self.model, self.pre, self.x, self.y, self.cfg.train.eval_batch_size, self.device, self.bf16
+        )
+        return r.loss_sum, float(r.correct), float(r.count)
 
 
-def _epoch_metrics(
-    ev: _EvalContext,
-    epoch: float,
-    loss_sum: torch.Tensor,
-    seen_here: int,
-    train_time: float,
-    scheduler: Any,
-    elapsed: float,
-) -> dict[str, Any]:
-    """Validate on every rank's shard and reduce train loss, validation and speed over all ranks."""
-    val_loss, val_correct, val_n = _evaluate_shard(
-        ev.model, ev.pre, ev.x, ev.y, ev.rank, ev.world, ev.batch_size, ev.device, ev.use_bf16
-    )
-    total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
-        [float(loss_sum), seen_here * 1.0, val_loss, val_correct, val_n], ev.device
-    )
-    (max_time,) = _all_reduce([train_time], ev.device, dist.ReduceOp.MAX if dist.is_initialized() else None)
-    return {
-        "epoch": round(epoch, 4),
-        "train_loss": total_loss / max(1.0, seen),
-        "val_loss": v_loss / max(1.0, v_n),
-        "val_accuracy": v_correct / max(1.0, v_n),
-        "images_per_s": seen / max(1e-9, max_time),
-        "lr": float(scheduler.get_last_lr()[0]),
-        "elapsed_s": elapsed,
-    }
+def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return [float(v) for v in t.tolist()]
 
 
-def _log_progress(metrics: dict[str, Any], cfg: Config, rank: int, tracker: Any) -> None:
-    if rank != 0:
-        return
-    say(
-        f"epoch {metrics['epoch']:g}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
-        f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-        f"{metrics['images_per_s']:.0f} img/s  elapsed {metrics['elapsed_s']:.0f}s"
-    )
-    if tracker is not None:
-        tracker.log(metrics)
+@dataclass
+class _Progress:
+    """Validation, metrics reduced over all ranks, the progress line and wandb."""
 
+    cfg: Config
+    rank: int
+    tracker: Any
+    validator: _Validator
+    peak: float | None
+    flops_per_image: float
 
-@torch.inference_mode()
-def _evaluate_shard(
-    model: torch.nn.Module,
-    pre: Preprocessor,
-    x_all: np.ndarray,
-    y_all: np.ndarray,
-    rank: int,
-    world: int,
-    batch_size: int,
-    device: torch.device,
-    use_bf16: bool,
-) -> tuple[float, float, float]:
-    """Summed loss, correct count and count over this rank's strided slice of the data."""
-    model.eval()
-    idx_all = np.arange(rank, len(y_all), world)
-    loss_sum, correct = 0.0, 0.0
-    for i in range(0, len(idx_all), batch_size):
-        idx = idx_all[i : i + batch_size]
-        x = pre(torch.from_numpy(x_all[idx]).to(device))
-        y = torch.from_numpy(y_all[idx]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(pixel_values=x).logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += float((logits.argmax(-1) == y).sum())
-    return loss_sum, correct, float(len(idx_all))
+    def metrics(
+        self,
+        epoch: float,
+        loss_sum: torch.Tensor,
+        seen_here: int,
+        train_time: float,
+        scheduler: Any,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        val_loss, val_correct, val_n = self.validator.sums()
+        device = self.validator.device
+        total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
+            [float(loss_sum), seen_here * 1.0, val_loss, val_correct, val_n], device
+        )
+        (max_time,) = _all_reduce([train_time], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        img_s = seen / max(1e-9, max_time)
+        metrics: dict[str, Any] = {
+            "epoch": round(epoch, 4),
+            "train_loss": total_loss / max(1.0, seen),
+            "val_loss": v_loss / max(1.0, v_n),
+            "val_accuracy": v_correct / max(1.0, v_n),
+            "images_per_s": img_s,
+            "lr": float(scheduler.get_last_lr()[0]),
+            "elapsed_s": elapsed,
+        }
+        if self.peak:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            metrics["mfu"] = mfu(img_s / world, self.flops_per_image, self.peak)
+        self._log(metrics)
+        return metrics
+
+    def report(self, *args: Any) -> None:
+        ray.train.report(self.metrics(*args))
+
+    def _log(self, m: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        line = (
+            f"epoch {m['epoch']:g}/{self.cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+            f"{m['images_per_s']:.0f} img/s"
+        )
+        if "mfu" in m:
+            line += f"  MFU {100 * m['mfu']:.1f}%"
+        say(f"{line}  elapsed {m['elapsed_s']:.0f}s")
+        if self.tracker is not None:
+            self.tracker.log(m)

@@ -1,5 +1,5 @@
-"""Ray Tune learning-rate sweep over full Ray Train runs."""
+"""The training job's Ray Tune flow: every learning rate is a full Ray Train run."""
 
-from tuning.sweep import is_sweep, run_sweep
+from tuning.sweep import is_sweep, run_job
 
-__all__ = ["is_sweep", "run_sweep"]
+__all__ = ["is_sweep", "run_job"]

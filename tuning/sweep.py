@@ -10,33 +10,25 @@ test split is read once, afterwards, for the chosen checkpoint.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from rayvit.config import Config, config_from_dict
+from rayvit.checkpoint import METRICS_FILE
+from rayvit.cluster import Placement, cluster_capacity
+from rayvit.config import Config
 from rayvit.errors import UserError
+from rayvit.export import Chosen, RunSummary, evaluate_on_test, export_best, test_split
+from rayvit.job import BEST_DIR, SWEEP_DIR, Job, is_finished, open_storage, start_job
 from rayvit.logs import quiet_libraries
-from rayvit.run import (
-    Placement,
-    RunSummary,
-    evaluate_on_test,
-    export_best,
-    finished_summary,
-    put_data,
-    setup_job,
-    trainer_for,
-)
-from rayvit.train_loop import read_history
 
-SWEEP_NAME = "sweep"
-TRIALS_DIR = "trials"
 SWEEP_CSV = "sweep.csv"
 METRIC = "val_accuracy"
 
@@ -73,55 +65,50 @@ def param_space(cfg: Config) -> dict[str, Any]:
 
 
 def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
-    """How many trials fit side by side: cluster CPUs (and GPUs) over one trial's workers."""
+    """How many trials fit side by side on the cluster at its largest: CPUs (and GPUs) over one
+    trial's workers."""
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
-    res = ray.cluster_resources()
-    per_trial_cpu = placement.num_workers * placement.resources_per_worker["CPU"] + cfg.tune.driver_cpus
-    fits = int(float(res.get("CPU", 0)) // per_trial_cpu + 1e-9)
+    cap = cluster_capacity()
+    per_trial_cpu = placement.max_workers * placement.resources_per_worker["CPU"] + cfg.tune.driver_cpus
+    fits = int(cap.max_cpus // per_trial_cpu + 1e-9)
     if placement.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0)) // placement.num_workers)
+        fits = min(fits, cap.max_gpus // placement.max_workers)
     return max(1, fits)
 
 
-def _train_driver(config: dict[str, Any], base: dict[str, Any], shared: dict[str, Any]) -> None:
-    """One Tune trial: fit a TorchTrainer at this trial's learning rate."""
+def _train_driver(config: dict[str, Any], job: Job) -> None:
+    """One Tune trial: fit the job's TorchTrainer at this trial's learning rate."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     quiet_libraries()
-    raw = dict(base)
-    raw["train"] = {**raw["train"], "lr": float(config["lr"])}
-    cfg = config_from_dict(raw)
     trial_id = tune.get_context().get_trial_id()
-    trainer = trainer_for(
-        cfg,
-        shared["data_refs"],
-        shared["pre"],
-        shared["class_names"],
-        shared["placement"],
-        Path(shared["trials_dir"]),
-        trial_id,
-        callbacks=[TuneReportCallback()],
-        wandb_group=shared["sweep_id"],
-    )
-    trainer.fit()
+    job.trainer(float(config["lr"]), trial_id, callbacks=[TuneReportCallback()]).fit()
 
 
-def build_tuner(cfg: Config, trainable: Any, placement: Placement, out: Path, restore: bool) -> tune.Tuner:
-    """The Tuner: search space, ASHA, concurrency from the cluster; restored when possible."""
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=cfg.train.epochs,
-        grace_period=min(cfg.tune.grace_period, cfg.train.epochs),  # type: ignore[arg-type]  # floats work
-        reduction_factor=cfg.tune.reduction_factor,
+def build_tuner(job: Job) -> tune.Tuner:
+    """The Tuner: search space, ASHA (FIFO for a single run), concurrency; restored when the
+    job's storage holds its state."""
+    cfg = job.cfg
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=min(cfg.tune.grace_period, cfg.train.epochs),  # type: ignore[arg-type]  # floats work
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+        if is_sweep(cfg)
+        else FIFOScheduler()
     )
     # The trial driver only waits on its TorchTrainer: a sliver of CPU, so that a
     # trial's workers can still take whole cores.
-    trainable = tune.with_resources(trainable, {"CPU": cfg.tune.driver_cpus})
-    sweep_path = out / SWEEP_NAME
-    if restore and tune.Tuner.can_restore(str(sweep_path)):
-        print(f"resuming sweep from {sweep_path}", flush=True)
-        return tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_errored=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(_train_driver, job=job), {"CPU": cfg.tune.driver_cpus}
+    )
+    fs, path = job.storage.filesystem(), job.storage.fs_path(SWEEP_DIR)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"resuming from {job.storage.uri(SWEEP_DIR)}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
@@ -129,12 +116,13 @@ def build_tuner(cfg: Config, trainable: Any, placement: Placement, out: Path, re
             metric=METRIC,
             mode="max",
             scheduler=scheduler,
-            num_samples=1 if cfg.tune.lrs is not None else cfg.tune.num_samples,
-            max_concurrent_trials=max_concurrent_trials(cfg, placement),
+            num_samples=1 if learning_rates(cfg) is not None else cfg.tune.num_samples,
+            max_concurrent_trials=max_concurrent_trials(cfg, job.placement),
         ),
         run_config=tune.RunConfig(
-            name=SWEEP_NAME,
-            storage_path=str(out),
+            name=SWEEP_DIR,
+            storage_path=job.storage.fs_path(),
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
         ),
@@ -150,8 +138,13 @@ class TrialRow:
     best_epoch: int
     stopped_early: bool
     status: str
+    """OK, ERROR or DIVERGED."""
     error: str
     checkpoint_path: str
+    checkpoint_metrics: dict[str, Any]
+    """What the chosen checkpoint reported (empty without one)."""
+    history: list[dict[str, Any]]
+    """Per-epoch metrics (the last report of each whole epoch)."""
 
     def as_csv(self, best: bool) -> dict[str, Any]:
         return {
@@ -177,53 +170,61 @@ def trial_rows(results: Any, epochs: int) -> list[TrialRow]:
     for r in results:
         df = r.metrics_dataframe
         history = df.to_dict("records") if df is not None and len(df) else []
-        with_val = [h for h in history if isinstance(h.get(METRIC), (int, float))]
+        diverged = next((str(h["diverged"]) for h in history if isinstance(h.get("diverged"), str)), "")
+        with_val = [h for h in history if isinstance(h.get(METRIC), (int, float)) and not h.get("diverged")]
         with_ckpt = [
             h for h in with_val if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
         ]
         best = max(with_ckpt or with_val, key=lambda h: (h[METRIC], -h["epoch"])) if with_val else None
-        done = float(max((h.get("epoch", 0) for h in history), default=0))
-        err = "" if r.error is None else str(r.error).strip().splitlines()[-1][:200]
+        done = float(max((h.get("epoch", 0) for h in with_val), default=0))
+        status = "ERROR" if r.error is not None else "DIVERGED" if diverged else "OK"
+        err = str(r.error).strip().splitlines()[-1][:200] if r.error is not None else diverged
         rows.append(
             TrialRow(
-                trial_id=r.path.rstrip("/").split("/")[-1].split("_")[-1] if not r.config else _trial_id(r),
+                trial_id=str((r.metrics or {}).get("trial_id") or r.path.rstrip("/").rsplit("/", 1)[-1]),
                 lr=float(r.config.get("lr", float("nan"))),
                 epochs_completed=done,
                 best_val_accuracy=float(best[METRIC]) if best else float("nan"),
                 best_epoch=int(best["epoch"]) if best else 0,
-                stopped_early=r.error is None and done < epochs,
-                status="ERROR" if r.error is not None else "OK",
+                stopped_early=status == "OK" and done < epochs,
+                status=status,
                 error=err,
                 checkpoint_path=str(best["checkpoint_path"]) if best and best in with_ckpt else "",
+                checkpoint_metrics=dict(best) if best and best in with_ckpt else {},
+                history=_per_epoch(with_val),
             )
         )
     return rows
 
 
-def _trial_id(result: Any) -> str:
-    metrics = result.metrics or {}
-    return str(metrics.get("trial_id") or Path(result.path).name)
+def _per_epoch(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whole-epoch reports only, the last one of each epoch (a resumed epoch reports again)."""
+    by_epoch = {int(h["epoch"]): h for h in history if float(h["epoch"]).is_integer()}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def select_best(rows: list[TrialRow]) -> TrialRow:
     """Highest validation accuracy (ties: earlier epoch); the test split plays no part."""
     ok = [r for r in rows if r.status == "OK" and r.checkpoint_path and not math.isnan(r.best_val_accuracy)]
     if not ok:
+        if len(rows) == 1:
+            r = rows[0]
+            raise UserError(
+                f"training {'diverged' if r.status == 'DIVERGED' else 'failed'}: {r.error or 'no checkpoint'}"
+            )
         lines = "; ".join(f"trial {r.trial_id} (lr={r.lr:.3g}): {r.error or 'no checkpoint'}" for r in rows)
         raise UserError(f"every trial failed: {lines}")
     return max(ok, key=lambda r: (r.best_val_accuracy, -r.best_epoch))
 
 
-def write_sweep_csv(rows: list[TrialRow], best: TrialRow | None, path: Path) -> Path:
+def sweep_csv(rows: list[TrialRow], best: TrialRow | None) -> str:
     fields = list(rows[0].as_csv(False)) if rows else ["trial_id"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in sorted(rows, key=lambda r: r.lr):
-            w.writerow(r.as_csv(best is not None and r.trial_id == best.trial_id))
-    tmp.replace(path)
-    return path
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields)
+    w.writeheader()
+    for r in sorted(rows, key=lambda r: r.lr):
+        w.writerow(r.as_csv(best is not None and r.trial_id == best.trial_id))
+    return out.getvalue()
 
 
 def format_table(rows: list[TrialRow], best: TrialRow | None) -> str:
@@ -237,56 +238,48 @@ def format_table(rows: list[TrialRow], best: TrialRow | None) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(cfg: Config) -> RunSummary:
-    """Sweep, select on validation accuracy, evaluate the winner once on test, export."""
-    done = finished_summary(cfg)
-    if done is not None:
-        return done
-    job = setup_job(cfg)
-    out, placement, pre, data, train_fp = job.out, job.placement, job.pre, job.data, job.train_fp
-    concurrency = max_concurrent_trials(cfg, placement)
-    print(
-        f"sweep over lr {cfg.tune.lrs or (cfg.tune.lr_min, cfg.tune.lr_max)}, "
-        f"{placement.num_workers} worker(s) per trial, up to {concurrency} trial(s) at once",
-        flush=True,
-    )
-    shared = {
-        "data_refs": put_data(data),
-        "pre": pre,
-        "class_names": data.class_names,
-        "placement": placement,
-        "trials_dir": str(out / TRIALS_DIR),
-        "sweep_id": f"{out.name}-{train_fp[:8]}",
-    }
-    trainable = tune.with_parameters(_train_driver, base=cfg.to_dict(), shared=shared)
-    tuner = build_tuner(cfg, trainable, placement, out, restore=True)
-    results = tuner.fit()
+def run_job(cfg: Config) -> RunSummary:
+    """Train every learning rate (one is a single run), select on validation accuracy, test the
+    chosen checkpoint once, export. Rerunning the same command resumes; a finished job answers
+    at once."""
+    quiet_libraries()
+    storage = open_storage(cfg)
+    if is_finished(cfg, storage):
+        metrics = json.loads(storage.read_text(BEST_DIR, METRICS_FILE))
+        return RunSummary(storage.uri(BEST_DIR), metrics, resumed_finished=True)
+    job = start_job(cfg, storage)
+    if is_sweep(cfg):
+        print(
+            f"sweep over lr {cfg.tune.lrs or (cfg.tune.lr_min, cfg.tune.lr_max)}, "
+            f"{job.placement.describe()}, up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
+            flush=True,
+        )
+    results = build_tuner(job).fit()
     rows = trial_rows(results, cfg.train.epochs)
     try:
         best = select_best(rows)
     except UserError:
-        write_sweep_csv(rows, None, out / SWEEP_CSV)
-        print(format_table(rows, None), flush=True)
+        storage.write_text(sweep_csv(rows, None), SWEEP_CSV)
+        if len(rows) > 1:
+            print(format_table(rows, None), flush=True)
         raise
-    csv_path = write_sweep_csv(rows, best, out / SWEEP_CSV)
-    print(format_table(rows, best), flush=True)
-    best_cfg = cfg.model_copy(deep=True)
-    best_cfg.train.lr = best.lr
-    ckpt = ray.train.Checkpoint(best.checkpoint_path)
-    from rayvit.checkpoint import read_metrics
-
-    ckpt_metrics = read_metrics(best.checkpoint_path)
-    test = evaluate_on_test(ckpt, best_cfg, placement)
-    histories = {f"lr={r.lr:.2g}": read_history(out / TRIALS_DIR / r.trial_id) for r in rows}
+    table = sweep_csv(rows, best)
+    storage.write_text(table, SWEEP_CSV)
+    if len(rows) > 1:
+        print(format_table(rows, best), flush=True)
+    chosen = Chosen(
+        ray.train.Checkpoint(best.checkpoint_path, filesystem=storage.filesystem()),
+        best.checkpoint_metrics,
+        best.lr,
+        best.trial_id,
+        best.history,
+    )
+    test = evaluate_on_test(job, chosen, test_split(cfg))
     return export_best(
-        best_cfg,
-        ckpt,
-        ckpt_metrics,
+        job,
+        chosen,
         test,
-        data,
-        train_fp,
-        histories,
-        (str(shared["sweep_id"]), best.trial_id),
-        extra_files=[csv_path],
+        {f"lr={r.lr:.2g}": r.history for r in rows},
+        extra_files={SWEEP_CSV: table.encode()},
         extra_metrics={"sweep": {"trials": len(rows), "best_trial": best.trial_id}},
     )

@@ -1,0 +1,196 @@
+"""A local S3-compatible server and a local autoscaling Ray cluster, for the cluster tests.
+
+The cluster is Ray's fake multi-node autoscaler (provider ``fake_multinode``, as in Ray's
+own autoscaler tests): ``ray start --head --autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``;
+worker "nodes" are raylets on this machine that the autoscaler launches and removes. Unlike
+``ray.cluster_utils.AutoscalingCluster.start`` (which runs ``ray stop --force``, ending every
+Ray cluster on the machine) it has its own temp folder and ports and stops only its own
+processes. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials())
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def get(self, key: str) -> bytes:
+        body: bytes = self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return body
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server (what Ray's own storage tests use) on 127.0.0.1, with one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in S3_ENV.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = S3Server(f"http://127.0.0.1:{port}", "rayvit-test")
+    s3.client().create_bucket(Bucket=s3.bucket)
+    yield s3
+    server.stop()
+
+
+@dataclass
+class FakeCluster:
+    """A running head of the fake autoscaling cluster."""
+
+    api: str
+    """The dashboard / job API address."""
+    temp_dir: Path
+    env: dict[str, str]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        from ray.util.state import list_nodes
+
+        return [n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in list_nodes(address=self.api, detail=True)]
+
+    def actors(self, class_name: str) -> list[dict[str, Any]]:
+        from ray.util.state import list_actors
+
+        found = list_actors(address=self.api, filters=[("class_name", "=", class_name)], limit=10_000, detail=True)
+        return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in found]
+
+
+#: The fake head's node id, which the fake provider (and autoscaler v2) expect.
+FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
+
+
+def start_fake_cluster(
+    worker_cpus: float, max_workers: int, extra_env: dict[str, str], autoscaler_v2: bool = True
+) -> FakeCluster:
+    """Autoscaler v2 (as KubeRay runs it) reports its node types to the GCS, so a job can
+    tell what the cluster can grow to."""
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dash_port = free_port(), free_port()
+    config = yaml.safe_load((FIXTURES / "fake_multinode.yaml").read_text())
+    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
+    config["max_workers"] = max_workers
+    worker = config["available_node_types"]["cpu_worker"]
+    worker["resources"]["CPU"] = worker_cpus
+    worker["max_workers"] = max_workers
+    temp_dir = Path(tempfile.mkdtemp(prefix="rvt"))  # short: Ray's socket paths live under it
+    env = {
+        **os.environ,
+        **extra_env,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        # Every node on 127.0.0.1 (the fake nodes would otherwise take the machine's address).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    if autoscaler_v2:
+        config["provider"]["launch_multiple"] = True
+        config["provider"]["head_node_id"] = FAKE_HEAD_NODE_ID
+        env.update(
+            {
+                "RAY_enable_autoscaler_v2": "1",
+                "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+            }
+        )
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    config_file = temp_dir / "autoscaler.yaml"
+    config_file.write_text(json.dumps(config))
+    subprocess.run(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            f"--autoscaling-config={config_file}",
+            "--num-cpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    api = f"http://127.0.0.1:{dash_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{api}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        stop_fake_cluster(temp_dir)
+        pytest.fail(f"the dashboard at {api} did not come up")
+    return FakeCluster(api, temp_dir, env)
+
+
+def stop_fake_cluster(temp_dir: Path) -> None:
+    """SIGKILL every process that belongs to this cluster (its temp folder is in their command
+    line); other Ray clusters on the machine are left alone."""
+    marker = str(temp_dir).encode()
+    for _ in range(3):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+        time.sleep(0.5)

@@ -1,0 +1,145 @@
+"""The training job on a multi-node autoscaling cluster, its output in an S3 bucket.
+
+The head offers no CPUs, worker nodes scale from zero; the job is submitted through the job
+API, like ``ray job submit``. Storage is a moto S3 server on 127.0.0.1, reached through the
+same pyarrow filesystem code that ``gs://`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_support import (
+    S3_ENV,
+    FakeCluster,
+    S3Server,
+    s3_server,  # noqa: F401  # a fixture
+    start_fake_cluster,
+    stop_fake_cluster,
+)
+from conftest import ROOT, TINY, run_train_cli
+
+pytestmark = pytest.mark.slow
+
+BUCKET_PREFIX = "jobs/quick"
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
+    cluster = start_fake_cluster(worker_cpus=1, max_workers=2, extra_env={**S3_ENV}, autoscaler_v2=True)
+    try:
+        yield cluster
+    finally:
+        stop_fake_cluster(cluster.temp_dir)
+
+
+def _submit_and_wait(cluster: FakeCluster, s3: S3Server, timeout: float = 900) -> tuple[str, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    overrides = [o for o in TINY if not o.startswith("ray.")]
+    entrypoint = " ".join(
+        [
+            "python ray_jobs/train.py --config configs/quick.yaml",
+            *overrides,
+            "'tune.lrs=[1e-3,3e-3]'",
+            f"output_dir=s3://{s3.bucket}/{BUCKET_PREFIX}",
+            f"storage.endpoint_url={s3.endpoint}",
+        ]
+    )
+    client = JobSubmissionClient(cluster.api)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(ROOT), "env_vars": dict(S3_ENV)},
+    )
+    deadline = time.time() + timeout
+    status = client.get_job_status(job_id)
+    while time.time() < deadline and not status.is_terminal():
+        time.sleep(3)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return job_id, logs
+
+
+def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
+    fake_cluster: FakeCluster,
+    s3_server: S3Server,  # noqa: F811
+) -> None:
+    head = [n for n in fake_cluster.nodes() if n["is_head_node"]]
+    assert len(head) == 1 and not [n for n in fake_cluster.nodes() if not n["is_head_node"]]
+    head_id = head[0]["node_id"]
+
+    _, logs = _submit_and_wait(fake_cluster, s3_server)
+    assert "exported: s3://" in logs
+
+    # The autoscaler launched worker nodes, and every trainer ran on them.
+    workers = [n for n in fake_cluster.nodes() if not n["is_head_node"]]
+    assert workers, "the autoscaler launched no worker node"
+    trainers = fake_cluster.actors("RayTrainWorker")
+    assert len(trainers) >= 4  # 2 trials x 2 workers
+    per_node = Counter(a["node_id"] for a in trainers)
+    assert head_id not in per_node, per_node
+    assert set(per_node) <= {n["node_id"] for n in workers}
+    print(f"\nnodes: head {head_id[:8]} + {len(workers)} worker node(s); RayTrainWorker actors per node:")
+    for node_id, count in sorted(per_node.items()):
+        print(f"  {node_id[:8]}: {count}")
+
+    # Everything of the run is in the bucket.
+    keys = s3_server.keys(BUCKET_PREFIX)
+    assert any("/trials/" in k and "/checkpoint_" in k and k.endswith("model.safetensors") for k in keys)
+    assert f"{BUCKET_PREFIX}/sweep.csv" in keys
+    assert f"{BUCKET_PREFIX}/sweep/" in "".join(k[: len(BUCKET_PREFIX) + 7] for k in keys)
+    metrics = json.loads(s3_server.get(f"{BUCKET_PREFIX}/best/metrics.json"))
+    assert metrics["sweep"]["trials"] == 2
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "config.yaml"):
+        assert f"{BUCKET_PREFIX}/best/{name}" in keys
+    # ... and nothing of it on a local disk (the job's working copy or the cluster's folders).
+    local = [p for p in (*fake_cluster.temp_dir.rglob("sweep.csv"), *ROOT.glob("s3*")) if p.exists()]
+    assert not local, local
+
+    # A second submission finds the finished job in the bucket and trains nothing.
+    _, again = _submit_and_wait(fake_cluster, s3_server, timeout=300)
+    assert "already finished: s3://" in again
+    assert "epoch 1/1" not in again
+    assert json.loads(s3_server.get(f"{BUCKET_PREFIX}/best/metrics.json")) == metrics
+
+    # Idle worker nodes are removed again.
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        alive = [n for n in fake_cluster.nodes() if not n["is_head_node"] and n["state"] == "ALIVE"]
+        if not alive:
+            break
+        time.sleep(3)
+    assert not alive, f"worker nodes still up: {[n['node_id'][:8] for n in alive]}"
+
+
+def test_unreachable_storage_fails_fast_naming_output_dir(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = run_train_cli(
+        [*TINY, "output_dir=s3://nowhere/run", f"storage.endpoint_url={dead}"], timeout=120
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: output_dir: cannot write to s3://nowhere/run")
+    assert took < 30, took
+
+
+def test_unwritable_output_dir_fails_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    proc = run_train_cli([*TINY, f"output_dir={blocker}/run"], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith(f"error: output_dir: cannot write to {blocker}/run")
+
+
+def _closed_port() -> int:
+    from cluster_support import free_port
+
+    return free_port()
