@@ -366,6 +366,44 @@ def test_cluster_yaml_cpu_head_gpu_workers_project_image_private_dashboard() -> 
     assert "0.0.0.0" not in text and "firewall" not in text.replace("no firewall rule", "")
 
 
+def test_cluster_yaml_bucket_set_once_idle_head_workers_from_zero_reach_the_full_recipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayvit.config import load_config
+    from rayvit.deploy import STORAGE_ENV, serve_config, storage_from_cluster_yaml
+
+    cfg = _cluster()
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0, "the head runs no training"
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert workers and all(t["min_workers"] == 0 for t in workers)
+    recipe = load_config(ROOT / "configs" / "train.yaml")
+    full = [
+        t
+        for t in workers
+        if t["resources"].get("GPU", 0) * t["max_workers"] >= 8
+        and t["resources"]["CPU"] >= t["resources"]["GPU"] * recipe.scaling.cpus_per_worker
+    ]
+    assert full, "a worker type reaches 8 GPUs with the recipe's CPUs per GPU"
+
+    # The bucket: written once, given to every node, used by the job's output_dir and by serving.
+    text = (ROOT / "cluster.yaml").read_text()
+    assert text.count(f"{STORAGE_ENV}=") == 1
+    storage = storage_from_cluster_yaml()
+    assert storage.startswith("gs://") and f"--env {STORAGE_ENV}={storage}" in cfg["docker"]["run_options"]
+    monkeypatch.setenv(STORAGE_ENV, storage)
+    output_dir = load_config(ROOT / "configs" / "train.yaml").output_dir
+    assert output_dir == f"{storage}/vit-b16-cifar10"
+    serve = serve_config(storage)
+    ServeDeploySchema.model_validate(serve)
+    assert serve["applications"][0]["args"]["model_dir"] == f"{output_dir}/best"
+    assert serve["http_options"]["host"] == "127.0.0.1"
+    monkeypatch.delenv(STORAGE_ENV)
+    assert load_config(ROOT / "configs" / "train.yaml").output_dir == "runs/vit-b16-cifar10"
+
+
 # ---------------------------------------------------------------- quality gates and tooling
 
 
