@@ -62,23 +62,13 @@ def bare_loop(cfg: Config, images: np.ndarray, labels: np.ndarray, class_names: 
 
 
 def ray_train(cfg: Config) -> float:
+    """One Ray Train run built exactly as the job builds each trial's."""
     import ray
 
-    from rayvit.data import load_train_val as load
-    from rayvit.run import init_ray, put_data, resolve_placement, trainer_for
+    from rayvit.job import open_storage, start_job
 
-    init_ray(cfg.ray)
-    data = load(cfg.data, cfg.seed, cfg.model.image_size)
-    storage = Path(cfg.output_dir)
-    result = trainer_for(
-        cfg,
-        put_data(data),
-        build_preprocessor(cfg.model),
-        data.class_names,
-        resolve_placement(cfg),
-        storage,
-        "bench",
-    ).fit()
+    job = start_job(cfg, open_storage(cfg))
+    result = job.trainer(cfg.train.lr, "bench").fit()
     ray.shutdown()
     return float((result.metrics or {})["images_per_s"])
 

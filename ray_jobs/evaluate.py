@@ -3,8 +3,7 @@
     python ray_jobs/evaluate.py --model models/quick/best --data data/cifar10 --out reports
 
 Writes ``metrics.json``, ``confusion.csv``/``confusion.png`` and ``training_curve.csv``
-to ``--out``. The run folder with the kept checkpoints (for the curve) defaults to
-``<model>/../train``.
+(the chosen run's curve, from the model folder) to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--data", default="data/cifar10", help="data set with a test split (default: data/cifar10)"
     )
     ap.add_argument("--out", default="reports", help="folder for metrics and plots (default: reports)")
-    ap.add_argument("--run-dir", default=None, help="Ray Train run folder for the training curve")
     ap.add_argument("--test-limit", type=int, default=0, help="first N test images only (0 = all)")
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args(argv)
@@ -36,8 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def _main() -> None:
         quiet_libraries()
         result = evaluate_model(args.model, args.data, args.test_limit or None, args.batch_size)
-        run_dir = Path(args.run_dir) if args.run_dir else Path(args.model).resolve().parent / "train"
-        out = write_reports(result, args.out, run_dir)
+        out = write_reports(result, args.out, args.model)
         m = result.metrics
         print(
             f"test_accuracy {m['test_accuracy']:.4f}  test_loss {m['test_loss']:.4f}  "

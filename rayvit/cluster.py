@@ -10,7 +10,6 @@ fails at once.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -61,81 +60,79 @@ def _free_port(preferred: int) -> int:
 
 @dataclass(frozen=True)
 class Capacity:
-    """CPUs and GPUs of the cluster now, and the most its autoscaler can reach."""
+    """CPUs and GPUs of the cluster now, per node, and whether an autoscaler can add nodes."""
 
     cpus: float
     gpus: int
-    max_cpus: float
-    max_gpus: int
-    autoscaling: bool
-    max_cpus_per_node: float = 0.0
-    max_gpus_per_node: int = 0
+    max_cpus_per_node: float
+    autoscaler: str | None
+    """``v2``, ``v1`` or None (a fixed cluster)."""
 
 
 def cluster_capacity() -> Capacity:
-    """Read from the cluster's resources and, where an autoscaler runs, its node types."""
     now = ray.cluster_resources()
-    cpus, gpus = float(now.get("CPU", 0)), int(now.get("GPU", 0))
     per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     node_cpus = max((float(r.get("CPU", 0)) for r in per_node), default=0.0)
-    node_gpus = max((int(r.get("GPU", 0)) for r in per_node), default=0)
-    limits = _autoscaler_limits()
-    if limits is None:
-        return Capacity(cpus, gpus, cpus, gpus, False, node_cpus, node_gpus)
-    max_total, max_node = limits
-    return Capacity(
-        cpus,
-        gpus,
-        max(cpus, float(max_total.get("CPU", 0))),
-        max(gpus, int(max_total.get("GPU", 0))),
-        True,
-        max(node_cpus, float(max_node.get("CPU", 0))),
-        max(node_gpus, int(max_node.get("GPU", 0))),
-    )
+    return Capacity(float(now.get("CPU", 0)), int(now.get("GPU", 0)), node_cpus, _autoscaler_kind())
 
 
-def _autoscaler_limits() -> tuple[dict[str, float], dict[str, float]] | None:
-    """(most resources in all, most on one node) by the autoscaler's node types; None without one.
-
-    Autoscaler v2 (KubeRay, and ``ray up`` with ``RAY_enable_autoscaler_v2=1``) reports its node
-    types to the GCS on its first round; v1 does not, so under v1 the limits are unknown
-    (infinite) and only what is up now decides ``auto``.
-    """
-    from ray._private.state import state
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-    try:
-        v2 = is_autoscaler_v2(fetch_from_server=True)
-    except Exception:
-        v2 = False
-    deadline = time.monotonic() + (30.0 if v2 else 0.0)
-    config = state.get_cluster_config()
-    while config is None and time.monotonic() < deadline:
-        time.sleep(1.0)
-        config = state.get_cluster_config()
-    total = state.get_max_resources_from_cluster_config() if config is not None else None
-    if config is None or not total:
-        if _v1_autoscaler_running():
-            unknown = {"CPU": math.inf, "GPU": 0.0}
-            return unknown, unknown
-        return None
-    node: dict[str, float] = {}
-    for group in config.node_group_configs:
-        if group.max_count == 0:
-            continue
-        for key, value in group.resources.items():
-            node[key] = max(node.get(key, 0.0), float(value))
-    return {k: float(v) for k, v in total.items()}, node
-
-
-def _v1_autoscaler_running() -> bool:
+def _autoscaler_kind() -> str | None:
     from ray._private import ray_constants
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+        if is_autoscaler_v2(fetch_from_server=True):
+            return "v2"
+        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:
+            return "v1"
     except Exception:
-        return False
+        return None
+    return None
+
+
+def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.0) -> bool | None:
+    """Ask the cluster's autoscaler whether it could ever place ``bundles`` (all at once).
+
+    The bundles become a cluster resource constraint (``ray.autoscaler.sdk.request_resources``);
+    autoscaler v2 answers within two of its rounds: infeasible (no node type fits), or not.
+    The constraint is withdrawn afterwards: Ray Train asks for its workers itself. None when
+    the autoscaler gives no answer (v1, or no answer in time).
+    """
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.autoscaler.sdk import request_resources
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply  # type: ignore[attr-defined]
+
+    gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+
+    def state() -> Any:
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(gcs.get_cluster_status(timeout_s=10))
+        return reply.autoscaling_state
+
+    wanted = sorted(tuple(sorted(b.items())) for b in bundles)
+    try:
+        start = state().autoscaler_state_version
+        request_resources(bundles=bundles)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = state()
+            for constraint in st.infeasible_cluster_resource_constraints:
+                asked = sorted(
+                    tuple(sorted((k, float(v)) for k, v in r.request.resources_bundle.items()))
+                    for r in constraint.resource_requests
+                    for _ in range(r.count)
+                )
+                if asked == wanted:
+                    return False
+            if st.autoscaler_state_version >= start + 3:
+                return True
+            time.sleep(0.5)
+        return None
+    except Exception:
+        return None
+    finally:
+        request_resources(bundles=[])
 
 
 @dataclass(frozen=True)
@@ -163,24 +160,25 @@ class Placement:
 def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
     """Turn ``auto`` settings into numbers and check that the cluster can ever place them.
 
-    ``use_gpu: auto`` is true when the cluster has GPUs or its autoscaler can add some;
-    ``num_workers: auto`` is one worker per GPU the cluster can reach (an elastic range from
-    one up to that when it autoscales), else one CPU worker.
+    On a fixed cluster that is what is up now. With an autoscaler, ``use_gpu: auto`` is true
+    when GPUs are up or the autoscaler can add one, ``num_workers: auto`` becomes the elastic
+    range ``[1, scaling.auto_max_workers]`` (Ray Train grows the group as nodes arrive), and a
+    request is refused only when the autoscaler says no node type could ever place it.
     """
     sc = cfg.scaling
     cap = cap or cluster_capacity()
-    use_gpu = cap.max_gpus > 0 if sc.use_gpu == "auto" else bool(sc.use_gpu)
-    if use_gpu and cap.max_gpus == 0 and sc.check_resources:
-        raise UserError(
-            "scaling.use_gpu=true but the Ray cluster has no GPUs and its autoscaler cannot add any "
-            "(set scaling.use_gpu=auto or false)"
-        )
+    scaling = cap.autoscaler is not None
+    use_gpu: bool
+    if sc.use_gpu == "auto":
+        use_gpu = cap.gpus > 0 or (cap.autoscaler == "v2" and autoscaler_can_place([{"GPU": 1.0}]) is True)
+    else:
+        use_gpu = bool(sc.use_gpu)
     num_workers: int | tuple[int, int]
     if sc.num_workers == "auto":
         if not use_gpu:
             num_workers = 1
-        elif cap.autoscaling and cap.max_gpus > cap.gpus:
-            num_workers = (1, cap.max_gpus) if cap.max_gpus > 1 else 1
+        elif scaling:
+            num_workers = (1, max(1, sc.auto_max_workers))
         else:
             num_workers = max(1, cap.gpus)
     else:
@@ -190,28 +188,51 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
         per_worker["GPU"] = 1.0
     placement = Placement(num_workers, use_gpu, per_worker)
     if sc.check_resources:
-        _check_fits(placement, cap, sc.num_workers == "auto")
+        if scaling:
+            _check_autoscaler_fits(placement, cap)
+        else:
+            _check_fits(placement, cap)
     return placement
 
 
-def _check_fits(p: Placement, cap: Capacity, auto: bool) -> None:
-    """One line naming the setting when even the largest cluster cannot place ``p``."""
+def _check_autoscaler_fits(p: Placement, cap: Capacity) -> None:
+    """One line naming the setting when the autoscaler says it can never place the workers."""
+    bundles = [dict(p.resources_per_worker) for _ in range(p.min_workers)]
+    if autoscaler_can_place(bundles) is False:
+        what = "GPU and " if p.use_gpu else ""
+        raise UserError(
+            f"scaling.num_workers={_shown(p.num_workers)} x {_bundle(p.resources_per_worker)}: no node "
+            f"type of the cluster's autoscaler can ever provide that many {what}CPUs "
+            "(fewer workers, or a smaller scaling.cpus_per_worker)"
+        )
+
+
+def _bundle(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _check_fits(p: Placement, cap: Capacity) -> None:
+    """One line naming the setting when a fixed cluster cannot place ``p``."""
     need = p.min_workers
-    where = "its autoscaler's largest size" if cap.autoscaling else "the Ray cluster"
     cpus_per = p.resources_per_worker["CPU"]
+    if p.use_gpu and cap.gpus == 0:
+        raise UserError(
+            "scaling.use_gpu=true but the Ray cluster has no GPUs and no autoscaler "
+            "(set scaling.use_gpu=auto or false)"
+        )
     if cpus_per > cap.max_cpus_per_node + 1e-9:
         raise UserError(
-            f"scaling.cpus_per_worker={cpus_per:g} is more than any node of {where} has "
+            f"scaling.cpus_per_worker={cpus_per:g} is more than any node of the Ray cluster has "
             f"({cap.max_cpus_per_node:g} CPUs)"
         )
-    if need * cpus_per > cap.max_cpus + 1e-9:
+    if need * cpus_per > cap.cpus + 1e-9:
         raise UserError(
             f"scaling.num_workers={_shown(p.num_workers)} x scaling.cpus_per_worker={cpus_per:g} "
-            f"needs {need * cpus_per:g} CPUs but {where} has {cap.max_cpus:g}"
+            f"needs {need * cpus_per:g} CPUs but the Ray cluster has {cap.cpus:g}"
         )
-    if p.use_gpu and need > cap.max_gpus and not auto:
+    if p.use_gpu and need > cap.gpus:
         raise UserError(
-            f"scaling.num_workers={_shown(p.num_workers)} needs {need} GPUs but {where} has {cap.max_gpus}"
+            f"scaling.num_workers={_shown(p.num_workers)} needs {need} GPUs but the Ray cluster has {cap.gpus}"
         )
 
 

@@ -89,6 +89,8 @@ class ScalingSection(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
     """auto = GPUs when the cluster has them or its autoscaler can add them."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    auto_max_workers: int = Field(8, ge=1)
+    """Upper end of the elastic range that ``num_workers: auto`` means on an autoscaling cluster."""
     check_resources: bool = True
     """Fail at once when even a fully scaled-up cluster could never place the workers."""
 

@@ -6,14 +6,14 @@ This is the DVC ``evaluate`` stage. Outputs, in ``out_dir``:
   data evaluated on and what the model folder says it was trained on;
 - ``confusion.csv``: one ``actual,predicted`` row per test image (DVC's
   ``confusion`` template) and ``confusion.png``;
-- ``training_curve.csv``: ``epoch,train_loss,val_loss,val_accuracy`` from the
-  run's kept checkpoints (only the epochs whose checkpoints were kept).
+- ``training_curve.csv``: ``epoch,train_loss,val_loss,val_accuracy`` of every epoch of
+  the chosen run, as the export wrote it into the model folder.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,8 @@ from rayvit.checkpoint import METRICS_FILE, write_json
 from rayvit.config import DataConfig
 from rayvit.dvc import data_fingerprint
 from rayvit.errors import UserError
+from rayvit.export import CURVE_FILE
 from rayvit.plots import confusion_matrix, plot_confusion
-
-CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 
 
 @dataclass
@@ -34,18 +33,6 @@ class EvalResult:
     metrics: dict[str, Any]
     confusion: np.ndarray
     labels: list[str]
-
-
-def training_curve(run_dir: Path) -> list[dict[str, float]]:
-    """Per-epoch metrics of the kept checkpoints under a Ray Train run folder, by epoch."""
-    rows: dict[int, dict[str, float]] = {}
-    for f in run_dir.glob("checkpoint_*/" + METRICS_FILE):
-        try:
-            m = json.loads(f.read_text())
-            rows[int(m["epoch"])] = {k: float(m[k]) for k in CURVE_COLUMNS}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return [rows[e] for e in sorted(rows)]
 
 
 def evaluate_model(
@@ -89,7 +76,7 @@ def evaluate_model(
     return EvalResult(metrics, cm, names)
 
 
-def write_reports(result: EvalResult, out_dir: str | Path, run_dir: Path | None) -> Path:
+def write_reports(result: EvalResult, out_dir: str | Path, model_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_FILE, result.metrics)
@@ -98,10 +85,8 @@ def write_reports(result: EvalResult, out_dir: str | Path, run_dir: Path | None)
         w.writerow(["actual", "predicted"])
         for i, j in zip(*np.nonzero(result.confusion), strict=True):
             w.writerows([[result.labels[i], result.labels[j]]] * int(result.confusion[i, j]))
-    with (out / "training_curve.csv").open("w", newline="") as f:
-        dw = csv.DictWriter(f, fieldnames=list(CURVE_COLUMNS))
-        dw.writeheader()
-        for row in training_curve(run_dir) if run_dir is not None else []:
-            dw.writerow({**row, "epoch": int(row["epoch"])})
+    curve = Path(model_dir) / CURVE_FILE
+    if curve.is_file():
+        shutil.copyfile(curve, out / CURVE_FILE)
     plot_confusion(result.confusion, result.labels, out / "confusion.png", "test confusion matrix")
     return out

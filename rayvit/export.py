@@ -200,4 +200,4 @@ def _write_curve_csv(history: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for row in history:
-            w.writerow({k: row.get(k) for k in CURVE_COLUMNS})
+            w.writerow({**{k: row.get(k) for k in CURVE_COLUMNS}, "epoch": int(row["epoch"])})

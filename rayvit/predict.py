@@ -103,8 +103,9 @@ def evaluate(
     model.eval()
     loss_sum, preds = 0.0, []
     for i in range(0, len(labels), batch_size):
-        x = pre(torch.from_numpy(images[i : i + batch_size]).to(device))
-        y = torch.from_numpy(labels[i : i + batch_size]).to(device)
+        # A copy: arrays from the object store are read-only, which torch warns about.
+        x = pre(torch.tensor(images[i : i + batch_size], device=device))
+        y = torch.tensor(labels[i : i + batch_size], device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(pixel_values=x).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,23 +91,41 @@ class FakeCluster:
 
     api: str
     """The dashboard / job API address."""
+    gcs: str
+    """The GCS address (what ``ray.init(address=...)`` takes)."""
     temp_dir: Path
     env: dict[str, str]
 
     def nodes(self) -> list[dict[str, Any]]:
         from ray.util.state import list_nodes
 
-        return [n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in list_nodes(address=self.api, detail=True)]
+        return [_as_dict(n) for n in list_nodes(address=self.api, detail=True, limit=10_000)]
 
     def actors(self, class_name: str) -> list[dict[str, Any]]:
         from ray.util.state import list_actors
 
-        found = list_actors(address=self.api, filters=[("class_name", "=", class_name)], limit=10_000, detail=True)
-        return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in found]
+        found = list_actors(
+            address=self.api, filters=[("class_name", "=", class_name)], limit=10_000, detail=True
+        )
+        return [_as_dict(a) for a in found]
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    return dict(vars(item)) if hasattr(item, "__dict__") else {str(k): v for k, v in item.items()}
 
 
 #: The fake head's node id, which the fake provider (and autoscaler v2) expect.
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
+
+
+def _install_provider_defaults() -> None:
+    """Ray's autoscaler fills a ``fake_multinode`` config from the provider's defaults file,
+    which Ray's pip wheel does not ship; ours (every key the autoscaler needs) stands in."""
+    import ray.autoscaler._private.fake_multi_node as fake
+
+    target = Path(fake.__file__).parent / "example.yaml"
+    if not target.is_file():
+        target.write_text((FIXTURES / "fake_multinode.yaml").read_text())
 
 
 def start_fake_cluster(
@@ -114,6 +133,7 @@ def start_fake_cluster(
 ) -> FakeCluster:
     """Autoscaler v2 (as KubeRay runs it) reports its node types to the GCS, so a job can
     tell what the cluster can grow to."""
+    _install_provider_defaults()
     bin_dir = Path(sys.executable).parent
     gcs_port, dash_port = free_port(), free_port()
     config = yaml.safe_load((FIXTURES / "fake_multinode.yaml").read_text())
@@ -144,7 +164,9 @@ def start_fake_cluster(
             }
         )
     env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_API_SERVER_ADDRESS", None)
+    # Ray Train's placement-group cleaner asks the state API whether a run's controller lives:
+    # the cluster's processes must ask this cluster's dashboard (on a real head, the default).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash_port}"
     config_file = temp_dir / "autoscaler.yaml"
     config_file.write_text(json.dumps(config))
     subprocess.run(
@@ -160,6 +182,11 @@ def start_fake_cluster(
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
+            # Ports of its own: another cluster on this machine may hold the default ones.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
         ],
         env=env,
         check=True,
@@ -177,7 +204,7 @@ def start_fake_cluster(
     else:
         stop_fake_cluster(temp_dir)
         pytest.fail(f"the dashboard at {api} did not come up")
-    return FakeCluster(api, temp_dir, env)
+    return FakeCluster(api, f"127.0.0.1:{gcs_port}", temp_dir, env)
 
 
 def stop_fake_cluster(temp_dir: Path) -> None:
@@ -194,3 +221,4 @@ def stop_fake_cluster(temp_dir: Path) -> None:
             except (OSError, ProcessLookupError):
                 continue
         time.sleep(0.5)
+    shutil.rmtree(temp_dir, ignore_errors=True)

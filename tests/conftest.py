@@ -67,11 +67,11 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-worker tiny run; several tests read its export."""
-    from rayvit.run import run_training
+    from tuning import run_job
 
     tmp = tmp_path_factory.mktemp("trained")
-    summary = run_training(tiny_config(tmp))
-    return summary.best_dir.parent
+    summary = run_job(tiny_config(tmp))
+    return Path(summary.best_dir).parent
 
 
 def train_cli_argv(args: list[str]) -> list[str]:

@@ -44,18 +44,30 @@ def _submit_and_wait(cluster: FakeCluster, s3: S3Server, timeout: float = 900) -
     overrides = [o for o in TINY if not o.startswith("ray.")]
     entrypoint = " ".join(
         [
-            "python ray_jobs/train.py --config configs/quick.yaml",
+            f"python {ROOT / 'ray_jobs' / 'train.py'} --config {ROOT / 'configs' / 'quick.yaml'}",
             *overrides,
             "'tune.lrs=[1e-3,3e-3]'",
+            "tune.max_concurrent_trials=1",  # one trial's two workers fill the two fake nodes
             f"output_dir=s3://{s3.bucket}/{BUCKET_PREFIX}",
             f"storage.endpoint_url={s3.endpoint}",
         ]
     )
     client = JobSubmissionClient(cluster.api)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(ROOT), "env_vars": dict(S3_ENV)},
-    )
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after the dashboard
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                # No working_dir: the fake nodes share one session folder, and a node that no
+                # longer needs the job's package would delete it under the driver. The project
+                # is installed in the environment every node runs.
+                runtime_env={"env_vars": dict(S3_ENV)},
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + timeout
     status = client.get_job_status(job_id)
     while time.time() < deadline and not status.is_terminal():
@@ -121,9 +133,7 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
 def test_unreachable_storage_fails_fast_naming_output_dir(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{_closed_port()}"
     t0 = time.monotonic()
-    proc = run_train_cli(
-        [*TINY, "output_dir=s3://nowhere/run", f"storage.endpoint_url={dead}"], timeout=120
-    )
+    proc = run_train_cli([*TINY, "output_dir=s3://nowhere/run", f"storage.endpoint_url={dead}"], timeout=120)
     took = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -28,15 +28,15 @@ def sweep_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> di
         tmp, "tune.lrs=[1e-3,50.0]", "train.epochs=2", "tune.grace_period=2", "scaling.num_workers=1"
     )
     calls: list[str] = []
-    from rayvit.run import evaluate_on_test as original
+    from rayvit.export import evaluate_on_test as original
 
-    def recording(checkpoint: Any, cfg_: Any, placement: Any) -> dict[str, Any]:
-        calls.append(checkpoint.path)
-        return original(checkpoint, cfg_, placement)
+    def recording(job: Any, chosen: Any, test: Any) -> Any:
+        calls.append(chosen.checkpoint.path)
+        return original(job, chosen, test)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sweep, "evaluate_on_test", recording)
-        summary = sweep.run_sweep(cfg)
+        summary = sweep.run_job(cfg)
     return {"out": Path(cfg.output_dir), "summary": summary, "test_calls": calls, "cfg": cfg}
 
 
@@ -71,7 +71,7 @@ def test_test_split_is_read_once_after_selection(sweep_run: dict[str, Any]) -> N
 
 def test_selection_ignores_everything_but_validation() -> None:
     def row(tid: str, lr: float, acc: float, epoch: int = 2, path: str = "x") -> TrialRow:
-        return TrialRow(tid, lr, epoch, acc, epoch, False, "OK", "", path)
+        return TrialRow(tid, lr, epoch, acc, epoch, False, "OK", "", path, {"epoch": epoch}, [])
 
     assert select_best([row("a", 1e-3, 0.4), row("b", 1e-2, 0.6), row("c", 1.0, 0.1)]).trial_id == "b"
     # a tie goes to the earlier epoch; a trial without checkpoint is never chosen
@@ -129,12 +129,13 @@ def test_rerun_resumes_and_skips_finished_trials(sweep_run: dict[str, Any]) -> N
     import shutil
 
     out, cfg = sweep_run["out"], sweep_run["cfg"]
-    histories = {p: p.read_text() for p in (out / "trials").glob("*/history.jsonl")}
-    assert len(histories) == 2
+    checkpoints = sorted(p.relative_to(out) for p in (out / "trials").glob("*/checkpoint_2*"))
+    assert len({p.parts[1] for p in checkpoints}) == 2
     shutil.rmtree(out / "best")  # as if the job died after the sweep, before the export
-    summary = sweep.run_sweep(cfg)
-    assert (summary.best_dir / "metrics.json").is_file()
-    assert {p: p.read_text() for p in histories} == histories  # no trial trained again
+    summary = sweep.run_job(cfg)
+    assert (Path(summary.best_dir) / "metrics.json").is_file()
+    # no trial trained again: no checkpoint was added or replaced
+    assert sorted(p.relative_to(out) for p in (out / "trials").glob("*/checkpoint_2*")) == checkpoints
     assert summary.metrics["learning_rate"] == 1e-3
 
 
@@ -149,7 +150,7 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
         "scaling.num_workers=1",
     )
     with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.001\)"):
-        sweep.run_sweep(cfg)
+        sweep.run_job(cfg)
     rows = _rows(Path(cfg.output_dir) / "sweep.csv")
     assert len(rows) == 2 and all(r["status"] == "ERROR" for r in rows)
     assert not (Path(cfg.output_dir) / "best").exists()
@@ -176,6 +177,10 @@ def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> No
     assert rows[50.0]["epochs_completed"] == "0.5" and rows[50.0]["stopped_early"] == "True"
     assert rows[1e-3]["epochs_completed"] == "2" and rows[1e-3]["best"] == "True"
     assert json.loads((out / "best" / "metrics.json").read_text())["learning_rate"] == 1e-3
-    # checkpoints (and the history behind the plots) stay per epoch
-    for f in (out / "trials").glob("*/history.jsonl"):
-        assert {json.loads(line)["epoch"] for line in f.read_text().splitlines()} <= {1, 2}
+    # checkpoints stay per epoch; the curves show whole epochs only
+    epochs = {
+        json.loads(f.read_text())["epoch"] for f in (out / "trials").glob("*/checkpoint_2*/metrics.json")
+    }
+    assert epochs and epochs <= {1, 2}
+    curve = (out / "best" / "training_curve.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve[1:]] == ["1", "2"]

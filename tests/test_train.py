@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,17 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import DATA_DIR, ROOT, TINY, run_train_cli, tiny_config, train_cli_argv
 
 from rayvit.checkpoint import check_model_folder
 from rayvit.data import load_test
+from rayvit.job import TRIALS_DIR
 from rayvit.predict import Predictor
-from rayvit.run import TRAIN_NAME, run_training
+from tuning import run_job
+
+
+def _trial_dir(run_dir: Path) -> Path:
+    """The Ray Train run of a single-learning-rate job (its one Tune trial)."""
+    trials = sorted((run_dir / TRIALS_DIR).iterdir()) if (run_dir / TRIALS_DIR).is_dir() else []
+    return trials[0] if trials else run_dir / TRIALS_DIR / "none-yet"
 
 
 def _checkpoint_epochs(run_dir: Path) -> list[int]:
     epochs = []
-    for d in sorted((run_dir / TRAIN_NAME).glob("checkpoint_2*")):
+    for d in sorted(_trial_dir(run_dir).glob("checkpoint_2*")):
         m = d / "metrics.json"
         if m.is_file():
             epochs.append(json.loads(m.read_text())["epoch"])
@@ -30,7 +39,7 @@ def _checkpoint_epochs(run_dir: Path) -> list[int]:
 
 def _registered_epoch(run_dir: Path) -> int:
     """Epoch of the latest checkpoint Ray Train has registered (what a restart resumes from)."""
-    snap = run_dir / TRAIN_NAME / "checkpoint_manager_snapshot.json"
+    snap = _trial_dir(run_dir) / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
     except (OSError, ValueError):
@@ -83,7 +92,7 @@ def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:
     assert (best / "model.safetensors").stat().st_size > 10_000
     assert "output_dir" in (best / "config.yaml").read_text()
     # every kept checkpoint holds model, optimizer/scheduler state and the config
-    ckpts = list((trained_run / TRAIN_NAME).glob("checkpoint_2*"))
+    ckpts = list(_trial_dir(trained_run).glob("checkpoint_2*"))
     assert ckpts
     for c in ckpts:
         assert (c / "training_state.pt").is_file() and (c / "config.yaml").is_file()
@@ -105,22 +114,26 @@ def test_pipeline_agrees_with_predictor(trained_run: Path) -> None:
 
 def test_rerun_of_finished_run_does_not_train_again(trained_run: Path) -> None:
     before = (trained_run / "best" / "metrics.json").read_text()
-    summary = run_training(tiny_config(trained_run.parent))
+    summary = run_job(tiny_config(trained_run.parent))
     assert summary.resumed_finished
     assert (trained_run / "best" / "metrics.json").read_text() == before
 
 
-def test_worker_fault_recovers_from_checkpoint(ray_cluster: None, tmp_path: Path) -> None:
+def test_worker_fault_resumes_from_checkpoint_not_from_scratch(ray_cluster: None, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "train.epochs=2", "train.inject_fault_epoch=1")
-    summary = run_training(cfg)
-    run_dir = Path(cfg.output_dir)
-    assert (run_dir / TRAIN_NAME / ".fault_injected").is_file()  # the worker really died
-    # training went on from epoch 1's checkpoint: epoch 2 exists and was reported once
-    assert _checkpoint_epochs(run_dir) == [1, 2]
+    summary = run_job(cfg)
+    trial = _trial_dir(Path(cfg.output_dir))
+    assert (trial / ".fault_injected").is_file()  # the worker really died, during epoch 2
+    # Ray Train restarted the workers from epoch 1's checkpoint: epoch 2 was the only one
+    # trained again, and the optimizer continued from its saved state (a restart from scratch
+    # would count only the steps since the fault).
+    assert _checkpoint_epochs(Path(cfg.output_dir)) == [1, 2]
     assert summary.metrics["epochs"] == 2
-    state = __import__("torch").load(
-        sorted((run_dir / TRAIN_NAME).glob("checkpoint_2*"))[-1] / "training_state.pt", weights_only=False
-    )
+    last = sorted(trial.glob("checkpoint_2*"))[-1]
+    steps = json.loads((last / "metrics.json").read_text())["optimizer_steps"]
+    per_epoch = math.ceil((320 // 2) / 32)
+    assert steps == 2 * per_epoch
+    state = torch.load(last / "training_state.pt", weights_only=True)
     assert state["epoch"] == 2
 
 

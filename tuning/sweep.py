@@ -65,15 +65,17 @@ def param_space(cfg: Config) -> dict[str, Any]:
 
 
 def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
-    """How many trials fit side by side on the cluster at its largest: CPUs (and GPUs) over one
-    trial's workers."""
+    """How many trials fit side by side: CPUs (and GPUs) up now over one trial's workers; on an
+    autoscaling cluster every trial may run at once (the autoscaler adds nodes for them)."""
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
     cap = cluster_capacity()
+    if cap.autoscaler is not None:
+        return max(1, len(learning_rates(cfg) or []) or cfg.tune.num_samples)
     per_trial_cpu = placement.max_workers * placement.resources_per_worker["CPU"] + cfg.tune.driver_cpus
-    fits = int(cap.max_cpus // per_trial_cpu + 1e-9)
+    fits = int(cap.cpus // per_trial_cpu + 1e-9)
     if placement.use_gpu:
-        fits = min(fits, cap.max_gpus // placement.max_workers)
+        fits = min(fits, cap.gpus // placement.max_workers)
     return max(1, fits)
 
 
