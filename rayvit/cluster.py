@@ -34,6 +34,8 @@ def init_ray(rc: RayConfig) -> None:
         kwargs["address"] = "local"
         if rc.num_cpus is not None:
             kwargs["num_cpus"] = rc.num_cpus
+        if rc.object_store_memory is not None:
+            kwargs["object_store_memory"] = rc.object_store_memory
         # Ray Train's placement-group cleaner asks the state API whether its controller lives;
         # without this it may ask another (or a dead) cluster on the same machine. The cluster's
         # processes inherit this environment.

@@ -35,7 +35,22 @@ class DataConfig(_Section):
     label_column: str | None = None
     """Column with the labels; null = the first ``ClassLabel`` feature."""
     cache_dir: str | None = "~/.cache/rayvit"
-    """Where decoded uint8 arrays are cached (keyed by the data fingerprint); null = off."""
+    """Where a hub data set is downloaded to (``datasets``' cache); null = its default."""
+    image_size: int | None = Field(None, ge=8)
+    """Side (px) the decode tasks bring every image to; null = ``model.image_size``. A smaller
+    side (CIFAR-10's 32 under a 224-px model) keeps less in memory; the batched ``Preprocessor``
+    resizes on the worker's device."""
+    max_in_memory_bytes: int = Field(4 * 1024**3, ge=0)
+    """Decoded train+val data up to this size is decoded once and kept in the object store for
+    every epoch; above it, it is streamed (decoded again each epoch) in bounded memory."""
+    decode_cpus: float = Field(1.0, gt=0.0)
+    """Logical CPUs of one decode task (Ray Data ``map_batches``)."""
+    decode_batch_size: int = Field(256, ge=1)
+    """Images per block that a decode task yields: bounds a task's memory."""
+    shuffle_buffer: int = Field(2048, ge=0)
+    """Rows of the windowed per-epoch shuffle on each worker (0 = block order only)."""
+    prefetch_batches: int = Field(2, ge=0)
+    """Batches each worker prepares ahead of the one it trains on."""
 
 
 class ModelConfig(_Section):
@@ -124,6 +139,9 @@ class RayConfig(_Section):
     """null = RAY_ADDRESS (set by ``ray job submit``) or a new local cluster; "auto" joins a running one."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local cluster started by the job; null = all cores."""
+    object_store_memory: int | None = Field(None, ge=78_643_200)
+    """Bytes of object store of a local cluster started by the job (at least 75 MiB); null =
+    Ray's default (30% of memory). Streamed data never needs more than a few blocks of it."""
 
 
 class StorageSection(_Section):

@@ -1,29 +1,46 @@
-"""Load an image-classification data set once, as uint8 arrays.
+"""Image-classification data through Ray Data: read, decoded and resized on the cluster's CPUs.
 
-The hub id or local folder is read with ``datasets``; images are decoded once
-(in a thread pool, cached on disk by the data set's fingerprint) into a
-``(N, H, W, 3)`` uint8 array. Workers receive those arrays through Ray's object
-store and read only their own shard; all pixel work after that is batched
-tensor ops (see ``rayvit.preprocess``).
+A data set (hub-layout parquet files or an imagefolder, in a local folder or at a storage
+URI; or a hub id, downloaded by ``datasets`` and read from its cache files) is planned on the
+driver from file metadata only: which files, how many rows, class names. The work is cut
+into *units* (a parquet row group, a slice of an Arrow cache file, a run of image files);
+Ray Data runs one ``map_batches`` task per unit that reads its rows, decodes each image with
+``rayvit.imageio.decode_image`` (the server's decoder) and brings it to a fixed side with
+``rayvit.preprocess.resize_uint8`` (the ``Preprocessor``'s resize), yielding blocks of at
+most ``data.decode_batch_size`` images. No process ever holds the data set, nor one image
+at full size longer than it takes to resize it.
+
+Rows carry their global index in the split (``index``), from which the seeded train/val
+split is drawn (``split_indices``), so the split never depends on block order. Tools that
+want small arrays in this process (``load_train_val``, ``load_test``) run the same units
+through the same decode function without Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import os
+import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from rayvit.config import DataConfig
 from rayvit.errors import UserError
+from rayvit.storage import Storage, is_uri
 
 TEST_SPLIT_NAMES = ("test",)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+#: Image files per decode task of an imagefolder; rows per task of an Arrow cache file.
+FILES_PER_UNIT = 64
+ARROW_ROWS_PER_UNIT = 2048
+#: Bytes of one decoded image besides its pixels (label and index, int64 each).
+ROW_OVERHEAD = 16
+
+Kind = Literal["parquet", "arrow", "imagefolder"]
 
 
 @dataclass
@@ -48,11 +65,59 @@ class TrainValData:
     source: str
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split of a source: its files and the rows in each unit of work."""
+
+    files: tuple[str, ...]
+    """Parquet or Arrow files, or image files (imagefolder), as paths in the source's filesystem."""
+    units: tuple[tuple[str, int, int, int], ...]
+    """(file, row group or -1, first global row, row count), in row order."""
+    labels: tuple[int, ...] = ()
+    """Imagefolder: the label of each file."""
+    token: str = ""
+    """What names the split's content (see ``Source.fingerprint``)."""
+
+    @property
+    def num_rows(self) -> int:
+        return sum(u[3] for u in self.units)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data set resolved to files; small and frozen, it travels into every decode task."""
+
+    kind: Kind
+    storage: Storage
+    """The folder (local or URI) the files are read through; for a hub id, the local cache."""
+    splits: dict[str, SplitFiles] = field(hash=False)
+    class_names: tuple[str, ...]
+    image_column: str = "image"
+    label_column: str = "label"
+    path: str = ""
+    """``data.path`` as given."""
+
+    def split(self, name: str) -> SplitFiles:
+        if name not in self.splits:
+            raise UserError(f"data.path: no '{name}' split in {self.path} (found: {sorted(self.splits)})")
+        return self.splits[name]
+
+    def fingerprint(self, split: str, rows: np.ndarray, side: int) -> str:
+        """Names the exact decoded data: the split's files (content hash of parquet/Arrow files,
+        names and sizes of image files), the rows taken and the side they are decoded to."""
+        h = hashlib.sha256(f"{self.kind}|{split}|{side}|{self.split(split).token}".encode())
+        h.update(np.ascontiguousarray(rows, dtype=np.int64).data)
+        return h.hexdigest()[:16]
+
+
+# -- resolving a data set -----------------------------------------------------------------------
+
+
 def _is_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
 
 
-def load_dataset_dict(path: str) -> Any:
+def load_dataset_dict(path: str, cache_dir: str | None = None) -> Any:
     """``datasets.load_dataset`` on a hub id or a local folder, with a clear error."""
     import datasets
 
@@ -63,11 +128,11 @@ def load_dataset_dict(path: str) -> Any:
         if not folder.is_dir():
             raise UserError(f"data.path: no such folder: {folder}")
     try:
-        ds = datasets.load_dataset(str(Path(path).expanduser()) if local else path)
+        kwargs = {"cache_dir": str(Path(cache_dir).expanduser())} if cache_dir else {}
+        ds = datasets.load_dataset(str(Path(path).expanduser()) if local else path, **kwargs)
     except Exception as exc:
         what = "folder" if local else "hub data set"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"data.path: cannot load {what} '{path}': {first}") from exc
+        raise UserError(f"data.path: cannot load {what} '{path}': {_first_line(exc)}") from exc
     if not isinstance(ds, datasets.DatasetDict):
         raise UserError(f"data.path: '{path}' did not load as a set of named splits")
     return ds
@@ -92,77 +157,165 @@ def _columns(split: Any, cfg: DataConfig) -> tuple[str, str]:
     return image_col, label_col
 
 
-def _decode_one(item: dict[str, Any] | None) -> np.ndarray:
-    if item is None:
-        raise ValueError("missing image")
-    raw = item.get("bytes")
-    if raw is None and item.get("path"):
-        raw = Path(item["path"]).read_bytes()
-    if not isinstance(raw, bytes):
-        raise ValueError("image has neither bytes nor a readable path")
-    with Image.open(io.BytesIO(raw)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _decode_all(items: list[dict[str, Any] | None], fallback_size: int) -> np.ndarray:
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        arrays = list(pool.map(_decode_one, items, chunksize=512))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        # Mixed sizes (an imagefolder, say): bring every image to one square size once.
-        size = (fallback_size, fallback_size)
-        arrays = [
-            a
-            if a.shape[:2] == size
-            else np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR))
-            for a in arrays
-        ]
-    return np.ascontiguousarray(np.stack(arrays))
-
-
-def decode_split(split: Any, cfg: DataConfig, fallback_size: int) -> ImageSplit:
-    """Decode a ``datasets`` split to arrays, using the on-disk cache when possible."""
-    import datasets
-
-    image_col, label_col = _columns(split, cfg)
-    cache: Path | None = None
-    if cfg.cache_dir:
-        key = hashlib.sha256(
-            f"{split._fingerprint}|{image_col}|{label_col}|{fallback_size}".encode()
-        ).hexdigest()[:24]
-        cache = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
-        if cache.is_file():
-            try:
-                with np.load(cache) as z:
-                    return ImageSplit(z["images"], z["labels"])
-            except (OSError, ValueError, KeyError):
-                cache.unlink(missing_ok=True)
-    table = split.cast_column(image_col, datasets.Image(decode=False))
-    items = table.data.column(image_col).to_pylist()
-    try:
-        images = _decode_all(items, fallback_size)
-    except Exception as exc:
-        raise UserError(f"data.path: an image in column '{image_col}' cannot be decoded: {exc}") from exc
-    labels = np.asarray(table.data.column(label_col).to_numpy(), dtype=np.int64)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, cache)
-    return ImageSplit(images, labels)
-
-
 def class_names(ds: Any, cfg: DataConfig) -> list[str]:
-    split = ds[_train_split_name(ds)]
+    """Class names of a ``datasets.DatasetDict``'s train split."""
+    if "train" not in ds:
+        raise UserError(f"data.path: no 'train' split (found: {list(ds)})")
+    split = ds["train"]
     _, label_col = _columns(split, cfg)
     return list(split.features[label_col].names)
 
 
-def _train_split_name(ds: Any) -> str:
-    if "train" not in ds:
-        raise UserError(f"data.path: no 'train' split (found: {list(ds)})")
-    return "train"
+def open_source(cfg: DataConfig, endpoint_url: str | None = None) -> Source:
+    """Resolve ``data.path`` to files and class names, from listings and file footers only."""
+    path = cfg.path
+    if not (is_uri(path) or _is_local(path)):
+        return _hub_source(cfg)
+    store = Storage.from_setting(path, endpoint_url, key="data.path")
+    import pyarrow.fs as pafs
+
+    fs, base = store.filesystem(), store.fs_path()
+    try:
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise UserError(f"data.path: no such folder: {store.root}")
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as exc:
+        raise UserError(f"data.path: cannot list {store.root}: {_first_line(exc)}") from exc
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    rel = {i.path: i.path[len(base) :].lstrip("/") for i in files}
+    parquet = [i for i in files if i.path.endswith(".parquet")]
+    if parquet:
+        return _parquet_source(cfg, store, parquet, rel)
+    images = [i for i in files if i.path.lower().endswith(IMAGE_SUFFIXES)]
+    if images:
+        return _imagefolder_source(cfg, store, images, rel)
+    raise UserError(f"data.path: {store.root} holds neither parquet files (hub layout) nor an image folder")
+
+
+def _split_of(rel_path: str) -> str:
+    """The split a hub-layout file belongs to: ``<split>-00000-of-00001.parquet``, or a folder
+    named after the split."""
+    parts = rel_path.split("/")
+    named = [p for p in parts[:-1] if p in ("train", "test", "validation", "valid", "val")]
+    return named[-1] if named else parts[-1].split(".")[0].split("-")[0]
+
+
+def _parquet_source(cfg: DataConfig, store: Storage, infos: list[Any], rel: dict[str, str]) -> Source:
+    import pyarrow.parquet as pq
+
+    fs = store.filesystem()
+    by_split: dict[str, list[Any]] = {}
+    for info in infos:
+        by_split.setdefault(_split_of(rel[info.path]), []).append(info)
+    image_col = label_col = ""
+    names: tuple[str, ...] = ()
+    splits: dict[str, SplitFiles] = {}
+    for split, split_infos in by_split.items():
+        units: list[tuple[str, int, int, int]] = []
+        h = hashlib.sha256()
+        start = 0
+        for info in split_infos:
+            try:
+                with fs.open_input_file(info.path) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    if not names:
+                        image_col, label_col, names = _parquet_features(meta.schema.to_arrow_schema(), cfg)
+                for g in range(meta.num_row_groups):
+                    n = meta.row_group(g).num_rows
+                    units.append((info.path, g, start, n))
+                    start += n
+                h.update(f"{rel[info.path]}|{info.size}|".encode())
+                h.update(_file_digest(fs, info.path).encode())
+            except OSError as exc:
+                raise UserError(f"data.path: cannot read {rel[info.path]}: {_first_line(exc)}") from exc
+        splits[split] = SplitFiles(tuple(i.path for i in split_infos), tuple(units), token=h.hexdigest())
+    return Source("parquet", store, splits, names, image_col, label_col, cfg.path)
+
+
+def _parquet_features(schema: Any, cfg: DataConfig) -> tuple[str, str, tuple[str, ...]]:
+    """Image column, label column and class names from the ``huggingface`` schema metadata
+    that the hub's parquet files carry."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    feats = json.loads(raw).get("info", {}).get("features", {}) if raw else {}
+    image_col = cfg.image_column or next((k for k, f in feats.items() if f.get("_type") == "Image"), None)
+    label_col = cfg.label_column or next(
+        (k for k, f in feats.items() if f.get("_type") == "ClassLabel"), None
+    )
+    columns = list(schema.names)
+    if image_col is None or image_col not in columns:
+        raise UserError(f"data.path: no image column found (columns: {columns}); set data.image_column")
+    if label_col is None or label_col not in columns:
+        raise UserError(f"data.path: no class-label column found (columns: {columns}); set data.label_column")
+    names = feats.get(label_col, {}).get("names")
+    if not names:
+        raise UserError(f"data.label_column: column '{label_col}' has no class names (not a ClassLabel)")
+    return image_col, label_col, tuple(str(n) for n in names)
+
+
+def _file_digest(fs: Any, path: str) -> str:
+    """sha256 of a file's bytes, read in 8 MiB pieces (memory stays small)."""
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _imagefolder_source(cfg: DataConfig, store: Storage, infos: list[Any], rel: dict[str, str]) -> Source:
+    """``<split>/<class>/<file>``, or ``<class>/<file>`` (all train), as ``datasets``' imagefolder
+    reads it: classes are the sorted folder names, rows the sorted file paths."""
+    rows: list[tuple[str, str, Any]] = []
+    for info in infos:
+        parts = rel[info.path].split("/")
+        if len(parts) >= 3:
+            rows.append((parts[0], parts[-2], info))
+        elif len(parts) == 2:
+            rows.append(("train", parts[0], info))
+    if not rows:
+        raise UserError(f"data.path: no <class>/<image> folders under {store.root}")
+    names = tuple(sorted({c for _, c, _ in rows}))
+    index = {c: i for i, c in enumerate(names)}
+    splits: dict[str, SplitFiles] = {}
+    for split in sorted({s for s, _, _ in rows}):
+        these = [(c, i) for s, c, i in rows if s == split]
+        paths = tuple(i.path for _, i in these)
+        listing = "\n".join(f"{rel[i.path]}|{i.size}" for _, i in these)
+        units = tuple(
+            ("", -1, start, min(FILES_PER_UNIT, len(paths) - start))
+            for start in range(0, len(paths), FILES_PER_UNIT)
+        )
+        splits[split] = SplitFiles(
+            paths, units, tuple(index[c] for c, _ in these), hashlib.sha256(listing.encode()).hexdigest()
+        )
+    return Source("imagefolder", store, splits, names, path=cfg.path)
+
+
+def _hub_source(cfg: DataConfig) -> Source:
+    """A hub id: ``datasets`` downloads and prepares it once; its Arrow cache files are read."""
+    import pyarrow as pa
+
+    ds = load_dataset_dict(cfg.path, cfg.cache_dir)
+    names = tuple(class_names(ds, cfg))
+    image_col, label_col = _columns(ds["train"], cfg)
+    splits: dict[str, SplitFiles] = {}
+    for split, part in ds.items():
+        files = tuple(str(c["filename"]) for c in part.cache_files)
+        units: list[tuple[str, int, int, int]] = []
+        start = 0
+        for f in files:
+            with pa.memory_map(f) as mm:
+                n = pa.ipc.open_stream(mm).read_all().num_rows
+            # The "group" of an Arrow unit is its first row within the file.
+            units += [
+                (f, s, start + s, min(ARROW_ROWS_PER_UNIT, n - s)) for s in range(0, n, ARROW_ROWS_PER_UNIT)
+            ]
+            start += n
+        splits[split] = SplitFiles(files, tuple(units), token=str(part._fingerprint))
+    folder = str(Path(splits["train"].files[0]).parent) if splits["train"].files else "."
+    return Source("arrow", Storage.from_setting(folder), splits, names, image_col, label_col, cfg.path)
+
+
+# -- the split and the units of work -----------------------------------------------------------
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,41 +331,235 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return perm[n_val:], perm[:n_val]
 
 
-def load_train_val(cfg: DataConfig, seed: int, image_size: int) -> TrainValData:
-    """Train and validation arrays (never the test split) and the class names."""
-    ds = load_dataset_dict(cfg.path)
-    train_split = ds[_train_split_name(ds)]
-    full = decode_split(train_split, cfg, image_size)
-    train_idx, val_idx = split_indices(len(full), cfg.val_fraction, seed)
+def units_for(split: SplitFiles, rows: np.ndarray) -> list[str]:
+    """One JSON unit of work per file piece that holds any of ``rows`` (sorted global indices)."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    out = []
+    for path, group, start, n in split.units:
+        lo, hi = np.searchsorted(rows, [start, start + n])
+        if hi <= lo:
+            continue
+        keep = (rows[lo:hi] - start).tolist()
+        unit: dict[str, Any] = {"path": path, "group": group, "start": start, "keep": keep}
+        if not path:  # imagefolder: the unit's files and labels themselves
+            unit["files"] = [split.files[start + k] for k in keep]
+            unit["labels"] = [split.labels[start + k] for k in keep]
+            unit["keep"] = list(range(len(keep)))
+            unit["index"] = rows[lo:hi].tolist()
+        out.append(json.dumps(unit))
+    return out
+
+
+def decode_unit(
+    unit_json: str, source: Source, side: int, block_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read one unit's rows and yield blocks of ``image`` (uint8, side x side), ``label`` and
+    ``index``; every image is decoded by the server's decoder and resized at once."""
+    from rayvit.imageio import ImageError, decode_image
+    from rayvit.preprocess import resize_uint8
+
+    unit = json.loads(unit_json)
+    fs = source.storage.filesystem()
+    for raws, labels, index in _unit_rows(unit, source, fs, block_rows):
+        images = np.empty((len(raws), side, side, 3), dtype=np.uint8)
+        for i, (raw, where) in enumerate(raws):
+            try:
+                data = raw if raw is not None else _read(fs, source, where)
+                images[i] = resize_uint8(decode_image(data), side)
+            except (ImageError, OSError) as exc:
+                raise UserError(f"data.path: image {where} cannot be decoded: {exc}") from None
+        yield {"image": images, "label": labels, "index": index}
+
+
+def _unit_rows(
+    unit: dict[str, Any], source: Source, fs: Any, block_rows: int
+) -> Iterator[tuple[list[tuple[bytes | None, str]], np.ndarray, np.ndarray]]:
+    """(bytes or None, where) per row, labels and global indices, ``block_rows`` at a time."""
+    keep = np.asarray(unit["keep"], dtype=np.int64)
+    if source.kind == "imagefolder":
+        files, labels = unit["files"], np.asarray(unit["labels"], dtype=np.int64)
+        index = np.asarray(unit["index"], dtype=np.int64)
+        for s in range(0, len(files), block_rows):
+            raws: list[tuple[bytes | None, str]] = [(None, f) for f in files[s : s + block_rows]]
+            yield raws, labels[s : s + block_rows], index[s : s + block_rows]
+        return
+    table = _read_table(unit, source, fs).take(keep)
+    images = table.column(source.image_column).combine_chunks()
+    labels = np.asarray(table.column(source.label_column).to_numpy(), dtype=np.int64)
+    where = f"{unit['path'].rsplit('/', 1)[-1]} row"
+    for s in range(0, len(keep), block_rows):
+        part = images.slice(s, block_rows)
+        raw = part.field("bytes").to_pylist() if hasattr(part, "field") else part.to_pylist()
+        paths = part.field("path").to_pylist() if hasattr(part, "field") else [None] * len(raw)
+        rows = [
+            (b, p or f"{where} {unit['start'] + int(k)}")
+            for b, p, k in zip(raw, paths, keep[s : s + block_rows], strict=True)
+        ]
+        yield rows, labels[s : s + block_rows], unit["start"] + keep[s : s + block_rows]
+
+
+def _read_table(unit: dict[str, Any], source: Source, fs: Any) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = [source.image_column, source.label_column]
+    if source.kind == "parquet":
+        with fs.open_input_file(unit["path"]) as f:
+            return pq.ParquetFile(f).read_row_group(unit["group"], columns=cols)
+    with pa.memory_map(unit["path"]) as mm:
+        table = pa.ipc.open_stream(mm).read_all().select(cols)
+    return table.slice(unit["group"], (max(unit["keep"]) + 1) if unit["keep"] else 0)
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], source: Source, side: int, block_rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The ``map_batches`` function: one unit (a batch of one) in, blocks of images out."""
+    for unit in batch["unit"]:
+        yield from decode_unit(str(unit), source, side, block_rows)
+
+
+def read_dataset(
+    source: Source, split: str, rows: np.ndarray, cfg: DataConfig, side: int, shuffle_seed: int | None = None
+) -> Any:
+    """The Ray Data ``Dataset`` of ``rows`` of ``split``: lazy; each unit is one decode task on
+    ``data.decode_cpus`` logical CPUs, wherever the cluster has them. With ``shuffle_seed`` the
+    units are read in a seeded order that changes with every execution (epoch); only the small
+    unit descriptions wait for that reordering, never decoded images."""
+    import ray.data
+
+    units = units_for(source.split(split), rows)
+    items: Any = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=max(1, len(units)))
+    if shuffle_seed is not None:
+        items = items.randomize_block_order(seed=epoch_seed(shuffle_seed))
+    decode: Any = _decode_batch  # a generator of blocks; Ray Data's stubs name plain functions
+    return items.map_batches(
+        decode,
+        batch_size=1,
+        fn_kwargs={"source": source, "side": side, "block_rows": cfg.decode_batch_size},
+        num_cpus=cfg.decode_cpus,
+    )
+
+
+def epoch_seed(seed: int) -> Any:
+    """A Ray Data seed that gives every execution (epoch) of a dataset its own seeded order."""
+    from ray.data import RandomSeedConfig
+
+    return RandomSeedConfig(seed=seed, reseed_after_execution=True)
+
+
+def quiet_ray_data() -> None:
+    """No progress bars or per-execution banners from Ray Data in the job's output."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def decode_here(source: Source, split: str, rows: np.ndarray, side: int, block_rows: int = 256) -> ImageSplit:
+    """The same units and decoding in this process (threads), for tools that want small arrays
+    (tests, benchmarks, the evaluate stage); rows come back in index order."""
+    units = units_for(source.split(split), rows)
+
+    def run(unit: str) -> list[dict[str, np.ndarray]]:
+        return list(decode_unit(unit, source, side, block_rows))
+
+    with ThreadPoolExecutor(max(1, min(8, len(units)))) as pool:
+        blocks = [b for part in pool.map(run, units) for b in part]
+    if not blocks:
+        return ImageSplit(np.zeros((0, side, side, 3), np.uint8), np.zeros(0, np.int64))
+    return ImageSplit(
+        np.concatenate([b["image"] for b in blocks]), np.concatenate([b["label"] for b in blocks])
+    )
+
+
+# -- what training and evaluation read ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which rows of which split of a source, decoded to which side; what names them."""
+
+    source: Source
+    split: str
+    rows: np.ndarray = field(hash=False, compare=False)
+    side: int
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.source.fingerprint(self.split, self.rows, self.side)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return len(self.rows) * (self.side * self.side * 3 + ROW_OVERHEAD)
+
+    def dataset(self, cfg: DataConfig, shuffle_seed: int | None = None) -> Any:
+        return read_dataset(self.source, self.split, self.rows, cfg, self.side, shuffle_seed)
+
+    def arrays(self, cfg: DataConfig) -> ImageSplit:
+        return decode_here(self.source, self.split, self.rows, self.side, cfg.decode_batch_size)
+
+
+def plan_train_val(
+    cfg: DataConfig, seed: int, side: int, endpoint_url: str | None = None
+) -> tuple[SplitPlan, SplitPlan, tuple[str, ...]]:
+    """Train and validation rows of the ``train`` split (never the test split), class names."""
+    source = open_source(cfg, endpoint_url)
+    n = source.split("train").num_rows
+    train_idx, val_idx = split_indices(n, cfg.val_fraction, seed)
     if cfg.train_limit is not None:
         train_idx = train_idx[: cfg.train_limit]
     if cfg.val_limit is not None:
         val_idx = val_idx[: cfg.val_limit]
-    # Sorted indices keep the copies cache-friendly; order is reshuffled per epoch anyway.
-    return TrainValData(
-        train=full.take(np.sort(train_idx)),
-        val=full.take(np.sort(val_idx)),
-        class_names=class_names(ds, cfg),
-        source=cfg.path,
+    return (
+        SplitPlan(source, "train", np.sort(train_idx), side),
+        SplitPlan(source, "train", np.sort(val_idx), side),
+        source.class_names,
     )
 
 
-def load_test(cfg: DataConfig, image_size: int) -> ImageSplit:
+def plan_test(
+    cfg: DataConfig, side: int, endpoint_url: str | None = None, source: Source | None = None
+) -> SplitPlan:
     """The held-out test split: for the final evaluation of the chosen model only."""
-    ds = load_dataset_dict(cfg.path)
-    name = next((n for n in TEST_SPLIT_NAMES if n in ds), None)
+    source = source or open_source(cfg, endpoint_url)
+    name = next((n for n in TEST_SPLIT_NAMES if n in source.splits), None)
     if name is None:
-        raise UserError(f"data.path: no 'test' split for the final evaluation (found: {list(ds)})")
-    test = decode_split(ds[name], cfg, image_size)
-    if cfg.test_limit is not None:
-        test = test.take(np.arange(min(cfg.test_limit, len(test))))
-    return test
+        raise UserError(
+            f"data.path: no 'test' split for the final evaluation (found: {sorted(source.splits)})"
+        )
+    n = source.split(name).num_rows
+    return SplitPlan(source, name, np.arange(min(cfg.test_limit or n, n)), side)
 
 
-def fingerprint(*splits: ImageSplit) -> str:
-    """Content hash of pixels and labels: names the exact data a model saw."""
-    h = hashlib.sha256()
-    for s in splits:
-        h.update(np.ascontiguousarray(s.images).data)
-        h.update(np.ascontiguousarray(s.labels).data)
-    return h.hexdigest()[:16]
+def load_train_val(cfg: DataConfig, seed: int, image_size: int) -> TrainValData:
+    """Train and validation arrays in this process (small data: tests, tools)."""
+    train, val, names = plan_train_val(cfg, seed, cfg.image_size or image_size)
+    return TrainValData(train.arrays(cfg), val.arrays(cfg), list(names), cfg.path)
+
+
+def load_test(cfg: DataConfig, image_size: int) -> ImageSplit:
+    """The test split as arrays in this process (small data: tests, tools)."""
+    return plan_test(cfg, cfg.image_size or image_size).arrays(cfg)
+
+
+def _read(fs: Any, source: Source, path: str) -> bytes:
+    """An image file by its path: in the source's filesystem, else relative to its folder."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return bytes(f.read())
+    except (OSError, FileNotFoundError):
+        with fs.open_input_stream(source.storage.fs_path(path)) as f:
+            return bytes(f.read())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -42,17 +42,18 @@ def evaluate_model(
     batch_size: int = 256,
 ) -> EvalResult:
     """Test-split loss/accuracy of an exported model folder with ``Predictor``."""
-    from rayvit.data import class_names, load_dataset_dict, load_test
+    from rayvit.data import open_source, plan_test
     from rayvit.predict import Predictor, evaluate, use_bf16
 
     predictor = Predictor(model_dir)
     data_cfg = DataConfig(path=data_path, test_limit=test_limit)
-    names = class_names(load_dataset_dict(data_path), data_cfg)
+    source = open_source(data_cfg)
+    names = list(source.class_names)
     if names != predictor.labels:
         raise UserError(
             f"model labels {predictor.labels} differ from the data set's class names {names} ({data_path})"
         )
-    test = load_test(data_cfg, predictor.pre.image_size)
+    test = plan_test(data_cfg, predictor.pre.image_size, source=source).arrays(data_cfg)
     dev = predictor.device
     res = evaluate(
         predictor.model, predictor.pre, test.images, test.labels, batch_size, dev, use_bf16("auto", dev)

@@ -1,8 +1,8 @@
 """The end of a job: the chosen checkpoint tested once, then exported to ``<output_dir>/best``.
 
 Both steps read the checkpoint from the run's storage, so they work wherever they
-run: the test evaluation is a Ray task placed like a training worker, and the
-export is built in a local temporary folder and uploaded with ``metrics.json``
+run: the test evaluation is a Ray task placed like a training worker that reads the
+test split through the same Ray Data reader as training, and the export is built in a local temporary folder and uploaded with ``metrics.json``
 last (a ``best/`` without it is incomplete).
 """
 
@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 
 from rayvit.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_DIR, write_json
 from rayvit.config import Config
-from rayvit.data import ImageSplit, fingerprint, load_test
+from rayvit.data import SplitPlan, plan_test
 from rayvit.dvc import data_fingerprint
 from rayvit.job import BEST_DIR, Job, wandb_dir
 from rayvit.logs import quiet_libraries
@@ -79,27 +78,27 @@ def git_commit() -> str:
         return os.environ.get("GIT_COMMIT", "unknown")
 
 
-def evaluate_on_test(job: Job, chosen: Chosen, test: ImageSplit) -> TestResult:
+def evaluate_on_test(job: Job, chosen: Chosen, test: SplitPlan) -> TestResult:
     """Final evaluation of the chosen checkpoint on the test split, as a Ray task with a
-    training worker's resources, wherever the cluster has them."""
+    training worker's resources, wherever the cluster has them. A test split that fits
+    ``data.max_in_memory_bytes`` is decoded first, on every CPU; a larger one streams."""
     opts: dict[str, Any] = {"num_cpus": job.placement.resources_per_worker["CPU"]}
     if job.placement.use_gpu:
         opts["num_gpus"] = 1
+    data = test.dataset(job.cfg.data)
+    if test.decoded_bytes <= job.cfg.data.max_in_memory_bytes:
+        data = data.materialize()
     result: TestResult = ray.get(
-        _evaluate_task.options(**opts).remote(
-            chosen.checkpoint, job.cfg, ray.put(test.images), ray.put(test.labels)
-        )
+        _evaluate_task.options(**opts).remote(chosen.checkpoint, job.cfg, data, test.fingerprint)
     )
     return result
 
 
 @ray.remote
-def _evaluate_task(
-    checkpoint: ray.train.Checkpoint, cfg: Config, images: np.ndarray, labels: np.ndarray
-) -> TestResult:
+def _evaluate_task(checkpoint: ray.train.Checkpoint, cfg: Config, data: Any, fingerprint: str) -> TestResult:
     import torch
 
-    from rayvit.predict import Predictor, evaluate, pick_device, use_bf16
+    from rayvit.predict import Predictor, evaluate_batches, pick_device, use_bf16
     from rayvit.train_loop import worker_threads
 
     quiet_libraries()
@@ -107,27 +106,27 @@ def _evaluate_task(
     device = pick_device()
     with checkpoint.as_directory() as d:
         predictor = Predictor(Path(d) / MODEL_DIR, device)
-    res = evaluate(
-        predictor.model,
-        predictor.pre,
-        images,
-        labels,
-        cfg.train.eval_batch_size,
-        device,
-        use_bf16(cfg.train.precision, device),
+    batches = (
+        (b["image"], b["label"])
+        for b in data.iter_torch_batches(
+            batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches
+        )
+    )
+    res = evaluate_batches(
+        predictor.model, predictor.pre, batches, device, use_bf16(cfg.train.precision, device)
     )
     return TestResult(
         res.loss,
         res.accuracy,
         tuple(int(p) for p in res.predictions),
-        tuple(int(v) for v in labels),
-        fingerprint(ImageSplit(images, labels)),
+        tuple(int(v) for v in res.labels),
+        fingerprint,
     )
 
 
-def test_split(cfg: Config) -> ImageSplit:
-    """The held-out split, read by the driver (which reads the training data too) once."""
-    return load_test(cfg.data, cfg.model.image_size)
+def test_split(cfg: Config) -> SplitPlan:
+    """The held-out split, through the same reader as the training data."""
+    return plan_test(cfg.data, cfg.data.image_size or cfg.model.image_size, cfg.storage.endpoint_url)
 
 
 def export_best(
@@ -152,7 +151,7 @@ def export_best(
         "data": {
             "source": cfg.data.path,
             # DVC's hash of the data folder when it is one (so the model names the exact
-            # DVC-tracked data), else the content hash of the pixels and labels.
+            # DVC-tracked data), else the reader's fingerprint of the files and rows read.
             "fingerprint": data_fingerprint(cfg.data.path) or f"{job.data_fingerprint}-{test.fingerprint}",
             "content_fingerprint": f"{job.data_fingerprint}-{test.fingerprint}",
             "num_train": job.num_train,

@@ -2,13 +2,14 @@
 
 A single run and a sweep are the same job: a single run is a sweep of one
 learning rate. ``start_job`` does the driver-side work once (cluster, the run's
-storage, data into the object store, the resume check); the frozen ``Job`` it
+storage, the data's Ray Data pipeline, the resume check); the frozen ``Job`` it
 returns crosses into every Tune trial, whose driver builds its ``TorchTrainer``
-from it.
+from it, with the train and validation datasets that Ray Train shards over its workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -22,14 +23,14 @@ from ray.train.torch import TorchTrainer
 from rayvit.checkpoint import CONFIG_FILE
 from rayvit.cluster import Placement, init_ray, resolve_placement
 from rayvit.config import Config
-from rayvit.data import fingerprint, load_train_val
+from rayvit.data import SplitPlan, epoch_seed, plan_train_val, quiet_ray_data
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
 from rayvit.preprocess import Preprocessor
 from rayvit.storage import COMPLETE_MARKER, Storage
 from rayvit.tracking import resolve_mode
-from rayvit.train_loop import DataRefs, WandbSpec, WorkerSpec, train_loop_per_worker
+from rayvit.train_loop import TRAIN, VAL, WandbSpec, WorkerSpec, train_loop_per_worker
 
 BEST_DIR = "best"
 TRIALS_DIR = "trials"
@@ -47,6 +48,10 @@ RESUME_IGNORES = (
     "wandb",
     "storage",
     "data.cache_dir",
+    "data.max_in_memory_bytes",
+    "data.decode_cpus",
+    "data.decode_batch_size",
+    "data.prefetch_batches",
     "scaling.check_resources",
     "train.num_threads",
     "train.max_failures",
@@ -66,7 +71,12 @@ class Job:
     placement: Placement
     pre: Preprocessor
     class_names: tuple[str, ...]
-    data: DataRefs
+    train_data: Any
+    """The training ``ray.data.Dataset``: decoded once and kept (``materialize``) when it fits
+    ``data.max_in_memory_bytes``, else decoded as it streams; its block order is reseeded
+    every epoch."""
+    val_data: Any
+    streamed: bool
     data_fingerprint: str
     num_train: int
     num_val: int
@@ -81,14 +91,17 @@ class Job:
             cfg=cfg,
             pre=self.pre,
             class_names=self.class_names,
-            data=self.data,
+            num_train=self.num_train,
             run=trials.child(name),
             wandb=WandbSpec(resolve_mode(cfg), self.group, name, wandb_dir(cfg, self.storage)),
         )
         tc = cfg.train
+        quiet_ray_data()
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec},
+            datasets={TRAIN: self.train_data, VAL: self.val_data},
+            dataset_config=Ingest(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
                 use_gpu=self.placement.use_gpu,
@@ -174,42 +187,89 @@ def is_finished(cfg: Config, storage: Storage) -> bool:
 
 
 def start_job(cfg: Config, storage: Storage) -> Job:
-    """Cluster, placement checks, preprocessing, train/val data in the object store; the job's
-    config and data fingerprint saved next to its runs."""
+    """Cluster, placement checks, preprocessing, the train/val Ray Data pipeline (decoded once
+    here when it fits); the job's config and data fingerprint saved next to its runs."""
     quiet_libraries()
     init_ray(cfg.ray)
+    quiet_ray_data()
     placement = resolve_placement(cfg)
     pre = build_preprocessor(cfg.model)
     t0 = time.perf_counter()
-    data = load_train_val(cfg.data, cfg.seed, cfg.model.image_size)
-    data_fp = fingerprint(data.train, data.val)
-    print(
-        f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes "
-        f"from {cfg.data.path} ({time.perf_counter() - t0:.1f}s); {placement.describe()}",
-        flush=True,
-    )
+    side = cfg.data.image_size or cfg.model.image_size
+    train, val, class_names = plan_train_val(cfg.data, cfg.seed, side, cfg.storage.endpoint_url)
+    data_fp = hashlib.sha256(f"{train.fingerprint}|{val.fingerprint}".encode()).hexdigest()[:16]
     check_resume(cfg, storage, data_fp)
     if cfg.restart:
         for part in (TRIALS_DIR, SWEEP_DIR, BEST_DIR, JOB_FILE):
             storage.delete(part)
     storage.write_text(json.dumps({"config": cfg.to_dict(), "data_fingerprint": data_fp}, indent=2), JOB_FILE)
     storage.write_text(cfg.to_yaml(), CONFIG_FILE)
-    refs = DataRefs(
-        ray.put(data.train.images),
-        ray.put(data.train.labels),
-        ray.put(data.val.images),
-        ray.put(data.val.labels),
+    train_data, val_data, streamed = datasets(cfg, train, val)
+    how = "streamed, decoded every epoch" if streamed else "decoded once, kept in the object store"
+    print(
+        f"data: {len(train)} train / {len(val)} val images at {side}px, {len(class_names)} classes "
+        f"from {cfg.data.path}, {how} ({time.perf_counter() - t0:.1f}s); {placement.describe()}",
+        flush=True,
     )
-    job = Job(
+    return Job(
         cfg=cfg,
         storage=storage,
         placement=placement,
         pre=pre,
-        class_names=tuple(data.class_names),
-        data=refs,
+        class_names=class_names,
+        train_data=train_data,
+        val_data=val_data,
+        streamed=streamed,
         data_fingerprint=data_fp,
-        num_train=len(data.train),
-        num_val=len(data.val),
+        num_train=len(train),
+        num_val=len(val),
         group=f"{storage.name}-{data_fp[:8]}",
     )
-    return job
+
+
+def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, bool]:
+    """The train and validation datasets, and whether they stream.
+
+    Decoded data that fits ``data.max_in_memory_bytes`` is decoded now, on every CPU of the
+    cluster (no trainer holds any yet), and reused every epoch; the training set's blocks are
+    then reordered every epoch. Larger data streams: the units' order is reseeded every epoch
+    and decoding runs alongside training, within Ray Data's object-store budget.
+    """
+    if train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes:
+        return train.dataset(cfg.data, shuffle_seed=cfg.seed), val.dataset(cfg.data), True
+    try:
+        kept_train, kept_val = train.dataset(cfg.data).materialize(), val.dataset(cfg.data).materialize()
+    except Exception as exc:
+        raise _decode_error(exc) from exc
+    return kept_train.randomize_block_order(seed=epoch_seed(cfg.seed)), kept_val, False
+
+
+def _decode_error(exc: Exception) -> Exception:
+    """A decode task's ``UserError`` as one line; anything else as it is."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("data.")), None)
+    return UserError(line.split("UserError: ", 1)[-1]) if line else exc
+
+
+class Ingest(ray.train.DataConfig):
+    """How Ray Train shards the job's datasets: ``train`` in equal shards (every rank takes the
+    same number of steps, DDP needs it; at most ``world - 1`` images a epoch are left out),
+    ``val`` in shards that together hold every image exactly once."""
+
+    def configure(
+        self,
+        datasets: dict[str, Any],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            splits = ds.streaming_split(world_size, equal=name == TRAIN, locality_hints=worker_node_ids)
+            for rank, split in enumerate(splits):
+                out[rank][name] = split
+        return out

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ class EvalResult:
     correct: int
     count: int
     predictions: np.ndarray
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """The labels in the order evaluated (batches from a stream come in any order)."""
 
     @property
     def loss(self) -> float:
@@ -86,7 +89,6 @@ class EvalResult:
         return self.correct / max(1, self.count)
 
 
-@torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
     pre: Preprocessor,
@@ -96,19 +98,37 @@ def evaluate(
     device: torch.device,
     bf16: bool,
 ) -> EvalResult:
-    """Summed loss, correct count and predictions over uint8 arrays, in fixed-size batches.
+    """``evaluate_batches`` over uint8 arrays, in fixed-size batches."""
+    # A copy: arrays from the object store are read-only, which torch warns about.
+    batches = (
+        (torch.tensor(images[i : i + batch_size]), torch.tensor(labels[i : i + batch_size]))
+        for i in range(0, len(labels), batch_size)
+    )
+    return evaluate_batches(model, pre, batches, device, bf16)
+
+
+@torch.inference_mode()
+def evaluate_batches(
+    model: torch.nn.Module,
+    pre: Preprocessor,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    bf16: bool,
+) -> EvalResult:
+    """Summed loss, correct count and predictions over (uint8 images, labels) batches.
 
     Validation during training, the final test evaluation and the evaluate stage all call this.
     """
     model.eval()
-    loss_sum, preds = 0.0, []
-    for i in range(0, len(labels), batch_size):
-        # A copy: arrays from the object store are read-only, which torch warns about.
-        x = pre(torch.tensor(images[i : i + batch_size], device=device))
-        y = torch.tensor(labels[i : i + batch_size], device=device)
+    loss_sum, preds, seen = 0.0, [], []
+    for images, labels in batches:
+        x = pre(images.to(device))
+        y = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(pixel_values=x).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         preds.append(logits.argmax(-1).cpu().numpy())
+        seen.append(labels.cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    return EvalResult(loss_sum, int((pred == labels).sum()), len(labels), pred)
+    truth = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+    return EvalResult(loss_sum, int((pred == truth).sum()), len(truth), pred, truth)

@@ -55,13 +55,7 @@ class Preprocessor:
         if x.device.type != "cpu":
             x = x.float()
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
+            x = resize(x, self.image_size)
         scale, shift = self._affine(x.device)
         x = x.float()
         return x.mul_(scale).add_(shift)
@@ -88,6 +82,22 @@ class Preprocessor:
         mean = tuple(float(v) for v in cfg.get("image_mean", DEFAULT_MEAN))
         std = tuple(float(v) for v in cfg.get("image_std", DEFAULT_STD))
         return cls(side, mean, std)  # type: ignore[arg-type]
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> ``(N, 3, side, side)``, antialiased bilinear: the one resize of
+    training, serving and the data pipeline's decode tasks (uint8 in, uint8 out on the CPU)."""
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_uint8(image: np.ndarray, side: int) -> np.ndarray:
+    """One ``(H, W, 3)`` uint8 image -> ``(side, side, 3)`` uint8, as ``Preprocessor`` resizes."""
+    if image.shape[:2] == (side, side):
+        return image
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image)  # torch takes only writable arrays
+    x = torch.from_numpy(image)[None].permute(0, 3, 1, 2)
+    return resize(x, side)[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

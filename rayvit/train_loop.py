@@ -1,9 +1,12 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 Each worker gets one frozen ``WorkerSpec`` (config, preprocessor, class names,
-object-store references to the uint8 train/val arrays, where the run lives);
-it reads only its shard of each epoch, reduces metrics over all workers, and
-rank 0 reports a full checkpoint every epoch.
+where the run lives) and its shards of the job's Ray Data datasets
+(``ray.train.get_dataset_shard``): it trains on its training shard each epoch
+(decoded uint8 batches, prefetched; all pixel work after that is the batched
+``Preprocessor`` on the worker's device), validates on its part of the validation
+split, reduces metrics over all workers, and rank 0 reports a full checkpoint
+every epoch.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -30,7 +32,7 @@ from rayvit.config import Config
 from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
 from rayvit.perf import mfu, peak_flops, vit_train_flops_per_image
-from rayvit.predict import evaluate, use_bf16
+from rayvit.predict import EvalResult, evaluate_batches, use_bf16
 from rayvit.preprocess import Preprocessor
 from rayvit.storage import Storage
 from rayvit.tracking import start_run
@@ -38,16 +40,8 @@ from rayvit.tracking import start_run
 FAULT_MARKER = ".fault_injected"
 #: Ray Train's record of the checkpoints it has registered, in the run's folder.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-
-
-@dataclass(frozen=True)
-class DataRefs:
-    """Object-store references to the decoded train and validation arrays."""
-
-    train_images: Any
-    train_labels: Any
-    val_images: Any
-    val_labels: Any
+#: Names of the job's datasets in ``TorchTrainer(datasets=...)``.
+TRAIN, VAL = "train", "val"
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,8 @@ class WorkerSpec:
     cfg: Config
     pre: Preprocessor
     class_names: tuple[str, ...]
-    data: DataRefs
+    num_train: int
+    """Images of the training split (each rank trains on ``num_train // world`` an epoch)."""
     run: Storage
     """This run's folder (Ray Train's ``storage_path/name``)."""
     wandb: WandbSpec
@@ -106,17 +101,15 @@ def worker_threads(cfg: Config) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's part of each epoch: a seeded permutation shared by all ranks, strided by rank.
+    """This rank's part of each epoch: Ray Train's equal split of the training set.
 
     Every rank gets ``per_rank = n // world`` images an epoch, so all ranks take the same number
     of steps; the ``n % world`` images left over differ from epoch to epoch.
     """
 
     n: int
-    rank: int
     world: int
     batch_size: int
-    seed: int
 
     @property
     def per_rank(self) -> int:
@@ -126,24 +119,37 @@ class Shard:
     def steps(self) -> int:
         return max(1, math.ceil(self.per_rank / self.batch_size))
 
-    def indices(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return perm[self.rank :: self.world][: self.per_rank]
 
-    def batches(self, epoch: int) -> Iterator[np.ndarray]:
-        idx, bs = self.indices(epoch), self.batch_size
-        for step in range(self.steps):
-            # Sorted within a batch: cache-friendly copies; the order inside a batch is irrelevant.
-            yield np.sort(idx[step * bs : (step + 1) * bs])
+def train_batches(shard: Any, cfg: Config, epoch: int, rank: int, device: torch.device) -> Iterator[Any]:
+    """One epoch of this rank's training shard as dicts of tensors (``image`` uint8 NHWC,
+    ``label``, ``index``), ``data.prefetch_batches`` ahead, shuffled in a window of
+    ``data.shuffle_buffer`` rows seeded by (seed, epoch, rank)."""
+    buffer = cfg.data.shuffle_buffer or None
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**31 if buffer else None,
+            device=device,
+        )
+    )
+
+
+def val_batches(shard: Any, cfg: Config, device: torch.device) -> Iterator[Any]:
+    """This rank's part of the validation split, in order, ``train.eval_batch_size`` at a time."""
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches, device=device
+        )
+    )
 
 
 class DivergedError(Exception):
     """The loss or the gradients stopped being finite."""
 
 
-def with_fault(
-    batches: Iterator[np.ndarray], spec: WorkerSpec, epoch: int, steps: int
-) -> Iterator[np.ndarray]:
+def with_fault(batches: Iterable[Any], spec: WorkerSpec, epoch: int, steps: int) -> Iterator[Any]:
     """Chaos testing: the last rank dies once, midway through the epoch after
     ``train.inject_fault_epoch``, once Ray Train has registered that epoch's checkpoint."""
     ctx = ray.train.get_context()
@@ -187,15 +193,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(worker_threads(cfg))
     torch.manual_seed(cfg.seed)
     bf16 = use_bf16(cfg.train.precision, device)
-    train_x, train_y = ray.get(spec.data.train_images), ray.get(spec.data.train_labels)
-    val_x, val_y = ray.get(spec.data.val_images), ray.get(spec.data.val_labels)
+    train_shard = ray.train.get_dataset_shard(TRAIN)
 
     restored = load_training_checkpoint(ray.train.get_checkpoint(), cfg.model.attn_implementation)
     model = restored.model if restored else build_model(cfg.model, list(spec.class_names))
     ddp_model: torch.nn.Module = ray.train.torch.prepare_model(model)
     forward: Any = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
-    shard = Shard(len(train_y), rank, world, cfg.train.batch_size, cfg.seed)
+    shard = Shard(spec.num_train, world, cfg.train.batch_size)
     optimizer = torch.optim.AdamW(
         param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type == "cuda"
     )
@@ -220,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         cfg,
         rank,
         tracker,
-        _Validator(model, spec.pre, val_x[rank::world], val_y[rank::world], cfg, device, bf16),
+        _Validator(model, spec.pre, ray.train.get_dataset_shard(VAL), cfg, device, bf16),
         peak_flops(device),
         vit_train_flops_per_image(model.config),
     )
@@ -232,21 +237,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp_model.train()
         loss_sum = torch.zeros((), device=device)
         t0, eval_time = time.perf_counter(), 0.0
-        batches = with_fault(shard.batches(epoch), spec, epoch, shard.steps)
-        for step, idx in enumerate(batches):
-            x = spec.pre(
-                torch.from_numpy(train_x[idx]).to(device, non_blocking=True),
-                train=cfg.train.augment,
-                generator=gen,
-            )
-            y = torch.from_numpy(train_y[idx]).to(device, non_blocking=True)
+        seen = 0
+        batches = with_fault(train_batches(train_shard, cfg, epoch, rank, device), spec, epoch, shard.steps)
+        for step, batch in enumerate(batches):
+            x = spec.pre(batch["image"], train=cfg.train.augment, generator=gen)
+            y = batch["label"]
+            seen += len(y)
             try:
                 loss = _train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
             except DivergedError:
                 _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
                 return
             scheduler.step()
-            loss_sum += loss * len(idx)
+            loss_sum += loss * len(y)
             if step + 1 in mid_epoch_evals:
                 # An early look for ASHA: metrics only; checkpoints stay at epoch ends.
                 t_eval = time.perf_counter()
@@ -254,7 +257,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.report(
                     epoch - 1 + done / shard.steps,
                     loss_sum,
-                    min(shard.per_rank, done * shard.batch_size),
+                    seen,
                     t_eval - t0 - eval_time,
                     scheduler,
                     t_eval - t_start,
@@ -266,7 +269,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = progress.metrics(
             epoch,
             loss_sum,
-            shard.per_rank,
+            seen,
             time.perf_counter() - t0 - eval_time,
             scheduler,
             time.perf_counter() - t_start,
@@ -331,20 +334,22 @@ def _report_divergence(cfg: Config, epoch: int, step: int, scheduler: Any, rank:
 
 @dataclass
 class _Validator:
-    """Validation on this rank's strided slice of the validation split."""
+    """Validation on this rank's shard of the validation split (the shards of all ranks hold
+    every validation image exactly once)."""
 
     model: torch.nn.Module
     pre: Preprocessor
-    x: np.ndarray
-    y: np.ndarray
+    shard: Any
     cfg: Config
     device: torch.device
     bf16: bool
 
+    def run(self) -> EvalResult:
+        batches = ((b["image"], b["label"]) for b in val_batches(self.shard, self.cfg, self.device))
+        return evaluate_batches(self.model, self.pre, batches, self.device, self.bf16)
+
     def sums(self) -> tuple[float, float, float]:
-        r = evaluate(
-            self.model, self.pre, self.x, self.y, self.cfg.train.eval_batch_size, self.device, self.bf16
-        )
+        r = self.run()
         return r.loss_sum, float(r.correct), float(r.count)
 
 
