@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from cluster_support import S3Server, s3_server  # noqa: F401  # a fixture
 from conftest import DATA_DIR
 
 from rayvit.config import DataConfig
-from rayvit.data import load_test, load_train_val, split_indices
+from rayvit.data import load_test, load_train_val, plan_test, plan_train_val, split_indices
 from rayvit.errors import UserError
 
 
@@ -48,11 +52,12 @@ def test_real_data_splits_do_not_overlap(tmp_path: Path) -> None:
     assert tv.class_names[:3] == ["airplane", "automobile", "bird"] and len(tv.class_names) == 10
     tr, va, te = _hashes(tv.train.images), _hashes(tv.val.images), _hashes(test.images)
     assert not tr & va and not tr & te and not va & te
-    # the cache is used on the second load and gives identical arrays
-    assert list(tmp_path.glob("*.npz"))
+    # a second read gives identical arrays, named by the same fingerprint
     again = load_train_val(cfg, seed=0, image_size=32)
     assert np.array_equal(again.train.images, tv.train.images)
     assert np.array_equal(again.train.labels, tv.train.labels)
+    a, b = plan_train_val(cfg, 0, 32)[0], plan_train_val(cfg, 0, 32)[0]
+    assert a.fingerprint == b.fingerprint != plan_train_val(cfg, 1, 32)[0].fingerprint
 
 
 def test_missing_and_malformed_data_paths(tmp_path: Path) -> None:
@@ -79,3 +84,61 @@ def test_imagefolder_with_mixed_sizes(tmp_path: Path) -> None:
     assert tv.class_names == ["cats", "dogs"]
     assert tv.train.images.shape[1:] == (16, 16, 3)
     assert len(tv.train) + len(tv.val) == 12
+
+
+def _hub_parquet(root: Path, n: int = 40) -> Path:
+    """A tiny data set in the hub's parquet layout (PNG bytes, ClassLabel metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    feats = {"img": {"_type": "Image"}, "label": {"names": ["a", "b", "c"], "_type": "ClassLabel"}}
+    (root / "plain_text").mkdir(parents=True)
+    for split, count in (("train", n), ("test", 10)):
+        rows = []
+        for _ in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(buf, "PNG")
+            rows.append({"bytes": buf.getvalue(), "path": None})
+        image = pa.array(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        table = pa.table({"img": image, "label": pa.array(rng.integers(0, 3, count), pa.int64())})
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": feats}})})
+        pq.write_table(table, root / "plain_text" / f"{split}-00000-of-00001.parquet", row_group_size=16)
+    return root
+
+
+def test_parquet_at_a_storage_uri_reads_as_the_local_folder(s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    local = _hub_parquet(tmp_path / "hub")
+    for f in sorted(local.rglob("*.parquet")):
+        s3_server.client().upload_file(str(f), s3_server.bucket, f"data/{f.relative_to(local).as_posix()}")
+    uri = f"s3://{s3_server.bucket}/data"
+    here = DataConfig(path=str(local), val_fraction=0.25)
+    there = DataConfig(path=uri, val_fraction=0.25)
+    a, b = load_train_val(here, 0, 16), plan_train_val(there, 0, 16, s3_server.endpoint)
+    assert b[2] == ("a", "b", "c") and len(b[0]) == 30 and len(b[1]) == 10
+    assert np.array_equal(a.train.images, b[0].arrays(there).images)
+    assert np.array_equal(a.val.labels, b[1].arrays(there).labels)
+    assert plan_test(there, 16, s3_server.endpoint).arrays(there).images.shape == (10, 16, 16, 3)
+
+
+def test_hub_id_reads_the_downloaded_cache_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id is downloaded by ``datasets`` (mocked: this machine has no hub) and read from the
+    Arrow files it prepared, giving the same images and split as the parquet folder itself."""
+    import datasets
+
+    local = _hub_parquet(tmp_path / "hub")
+    real = datasets.load_dataset
+
+    def from_local_copy(path: str, **kwargs: Any) -> Any:
+        assert path == "someone/tiny"
+        return real(str(local), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_local_copy)
+    hub = DataConfig(path="someone/tiny", val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    folder = DataConfig(path=str(local), val_fraction=0.25)
+    train, val, names = plan_train_val(hub, 0, 16)
+    assert train.source.kind == "arrow" and names == ("a", "b", "c")
+    ref = load_train_val(folder, 0, 16)
+    assert np.array_equal(train.arrays(hub).images, ref.train.images)
+    assert np.array_equal(val.arrays(hub).labels, ref.val.labels)

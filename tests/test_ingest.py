@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def _imagefolder(root: Path, n: int, size: tuple[int, int] | None = None, classe
     return root
 
 
-def _record_ids(loop_config: dict) -> None:
+def _record_ids(loop_config: dict[str, Any]) -> None:
     """Two epochs of this rank's training shard and two validation passes, as the training
     loop reads them; every row's index written to a file per rank."""
     import ray.train
