@@ -39,6 +39,9 @@ FILES_PER_UNIT = 64
 ARROW_ROWS_PER_UNIT = 2048
 #: Bytes of one decoded image besides its pixels (label and index, int64 each).
 ROW_OVERHEAD = 16
+#: Largest block a decode task yields (a few of them are what streaming holds in flight); fewer
+#: blocks cost less per epoch (each is one request to Ray Data's split coordinator).
+MAX_BLOCK_BYTES = 16 * 1024 * 1024
 
 Kind = Literal["parquet", "arrow", "imagefolder"]
 
@@ -433,12 +436,22 @@ def read_dataset(
     if shuffle_seed is not None:
         items = items.randomize_block_order(seed=epoch_seed(shuffle_seed))
     decode: Any = _decode_batch  # a generator of blocks; Ray Data's stubs name plain functions
-    return items.map_batches(
+    rows = block_rows(cfg, side)
+    ds = items.map_batches(
         decode,
         batch_size=1,
-        fn_kwargs={"source": source, "side": side, "block_rows": cfg.decode_batch_size},
+        fn_kwargs={"source": source, "side": side, "block_rows": rows},
         num_cpus=cfg.decode_cpus,
     )
+    # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
+    # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
+    ds.context.target_max_block_size = rows * (side * side * 3 + ROW_OVERHEAD)
+    return ds
+
+
+def block_rows(cfg: DataConfig, side: int) -> int:
+    """Images per block: ``data.decode_batch_size``, fewer when that would pass ``MAX_BLOCK_BYTES``."""
+    return max(1, min(cfg.decode_batch_size, MAX_BLOCK_BYTES // (side * side * 3 + ROW_OVERHEAD)))
 
 
 def epoch_seed(seed: int) -> Any:
@@ -504,7 +517,7 @@ class SplitPlan:
         return read_dataset(self.source, self.split, self.rows, cfg, self.side, shuffle_seed)
 
     def arrays(self, cfg: DataConfig) -> ImageSplit:
-        return decode_here(self.source, self.split, self.rows, self.side, cfg.decode_batch_size)
+        return decode_here(self.source, self.split, self.rows, self.side, block_rows(cfg, self.side))
 
 
 def plan_train_val(
