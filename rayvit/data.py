@@ -436,16 +436,16 @@ def read_dataset(
     if shuffle_seed is not None:
         items = items.randomize_block_order(seed=epoch_seed(shuffle_seed))
     decode: Any = _decode_batch  # a generator of blocks; Ray Data's stubs name plain functions
-    rows = block_rows(cfg, side)
+    per_block = block_rows(cfg, side)
     ds = items.map_batches(
         decode,
         batch_size=1,
-        fn_kwargs={"source": source, "side": side, "block_rows": rows},
+        fn_kwargs={"source": source, "side": side, "block_rows": per_block},
         num_cpus=cfg.decode_cpus,
     )
     # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
     # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
-    ds.context.target_max_block_size = rows * (side * side * 3 + ROW_OVERHEAD)
+    ds.context.target_max_block_size = per_block * (side * side * 3 + ROW_OVERHEAD)
     return ds
 
 
