@@ -252,7 +252,7 @@ def _decode_error(exc: Exception) -> Exception:
 
 class Ingest(ray.train.DataConfig):
     """How Ray Train shards the job's datasets: ``train`` in equal shards (every rank takes the
-    same number of steps, DDP needs it; at most ``world - 1`` images a epoch are left out),
+    same number of steps, DDP needs it; at most ``world - 1`` images an epoch are left out),
     ``val`` in shards that together hold every image exactly once."""
 
     def configure(
