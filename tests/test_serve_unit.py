@@ -233,7 +233,9 @@ def test_model_with_non_finite_weights_fails_at_build_time(tmp_path: Path) -> No
     from rayvit.config import load_config
     from rayvit.model import build_model, build_preprocessor
 
-    cfg = load_config(ROOT / "configs" / "quick.yaml", ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=1"])
+    cfg = load_config(
+        ROOT / "configs" / "quick.yaml", ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=1"]
+    )
     model = build_model(cfg.model, ["a", "b"])
     with torch.no_grad():
         next(iter(model.parameters())).fill_(float("nan"))
@@ -256,3 +258,17 @@ def test_serve_run_cli_prints_one_line_for_a_missing_model(tmp_path: Path) -> No
     assert proc.returncode != 0
     assert f"Error: model folder not found: {missing}" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_launcher_keeps_loopback_unless_told_and_then_needs_keys() -> None:
+    from serve_app.__main__ import prepare
+    from serve_app.settings import DEFAULT_CONFIG
+
+    data, host = prepare(DEFAULT_CONFIG, {})
+    assert host == "127.0.0.1" and data["http_options"]["host"] == "127.0.0.1"  # type: ignore[index]
+    with pytest.raises(SystemExit, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
+        prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "0.0.0.0"})
+    _, host = prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "0.0.0.0", "RAYVIT_API_KEYS": "k"})
+    assert host == "0.0.0.0"
+    _, host = prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "::1"})
+    assert host == "::1"
