@@ -23,6 +23,8 @@ from fastapi import Depends, FastAPI, Query, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import RequestCancelledError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -92,6 +94,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
     try:
         return await asyncio.wait_for(read(), timeout_s)
+    except (TaskCancelledError, RequestCancelledError):
+        # Serve fetches the body from its proxy; when the client has gone, that fetch is cancelled
+        raise ClientDisconnect() from None
     except TimeoutError:
         raise HttpError(408, f"request body not received within {timeout_s:g} s") from None
 
