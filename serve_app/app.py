@@ -8,9 +8,9 @@ from typing import Any
 import click
 from ray.serve import Application
 
-from rayvit.checkpoint import verify_model_folder
 from rayvit.errors import UserError
 from serve_app.deployment import ViTClassifier
+from serve_app.model_source import local_model_folder
 from serve_app.settings import DEFAULT_MODEL_DIR, deployment_options, merge
 
 ARGS = ("model_dir", "config")
@@ -44,10 +44,10 @@ def build_app(
     ``ViTClassifier`` deployment entry gives autoscaling, batching, resources
     and limits; ``overrides`` (same keys, merged on top) are for tests and tools.
     Fails before anything is deployed, with one line naming the path, when the
-    model folder is missing or invalid.
+    model folder is missing or invalid or its weights are not finite.
     """
     try:
-        path = verify_model_folder(Path(model_dir).expanduser().resolve())
+        path = local_model_folder(model_dir)
         options = merge(deployment_options(config), overrides or {})
     except UserError as exc:
         raise BuildError(str(exc)) from None
