@@ -1,16 +1,21 @@
 """Where the served model comes from: the app's ``model_dir`` argument -> a verified local folder.
 
 Every path from an application argument to loaded weights goes through
-``local_model_folder``, so other sources (object storage with a local cache)
-are one change here.
+``local_model_folder``. ``model_dir`` is a local folder or a storage URI
+(``gs://…/best``, ``s3://…/best``, what the training job exports there): a URI is
+downloaded once per node into ``RAYVIT_CACHE`` (default ``~/.cache/rayvit``), keyed by
+the URI and the export's ``metrics.json``, and then checked like a local folder. Credentials
+and a custom S3 endpoint (``AWS_ENDPOINT_URL``) come from the environment, as for pyarrow.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rayvit.checkpoint import verify_model_folder
 from rayvit.errors import UserError
+from rayvit.storage import fetch_dir, is_uri
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -21,10 +26,17 @@ def local_model_folder(model_dir: str | Path, check_weights: bool = True) -> Pat
     ``check_weights`` also reads every tensor and refuses NaN or infinite values
     (a diverged run), so such a model fails before anything is deployed.
     """
-    path = verify_model_folder(Path(model_dir).expanduser().resolve())
+    path = verify_model_folder(fetch_model(str(model_dir)))
     if check_weights:
         check_finite_weights(path)
     return path
+
+
+def fetch_model(model_dir: str) -> Path:
+    """The folder itself, or a node-local copy of the folder at a storage URI."""
+    if not is_uri(model_dir):
+        return Path(model_dir).expanduser().resolve()
+    return fetch_dir(model_dir, os.environ.get("RAYVIT_CACHE", "~/.cache/rayvit"))
 
 
 def check_finite_weights(path: Path) -> None:

@@ -20,7 +20,11 @@ from rayvit.imageio import DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "serve.yaml"
-DEFAULT_MODEL_DIR = "models/best"
+#: What the README's main job exports.
+DEFAULT_MODEL_DIR = "runs/quick/best"
+TRAIN_COMMAND = (
+    "python ray_jobs/train.py --config configs/quick.yaml data.path=PATH/TO/cifar10 output_dir=runs/quick"
+)
 DEPLOYMENT_NAME = "ViTClassifier"
 IMPORT_PATH = "serve_app:app"
 
