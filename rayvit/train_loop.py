@@ -241,7 +241,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             y = torch.from_numpy(train_y[idx]).to(device, non_blocking=True)
             try:
-                loss = _train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
+                loss = train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
             except DivergedError:
                 _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
                 return
@@ -285,7 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
-def _train_step(
+def train_step(
     forward: Any,
     ddp_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
