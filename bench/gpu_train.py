@@ -26,7 +26,7 @@ from rayvit.config import load_config  # noqa: E402
 from rayvit.model import build_model, build_preprocessor  # noqa: E402
 from rayvit.perf import mfu, peak_flops, vit_train_flops_per_image  # noqa: E402
 from rayvit.predict import use_bf16  # noqa: E402
-from rayvit.train_loop import train_step, param_groups  # noqa: E402
+from rayvit.train_loop import param_groups, train_step  # noqa: E402
 
 CLASSES = [f"c{i}" for i in range(10)]
 
