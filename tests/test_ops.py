@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,6 @@ from conftest import DATA_DIR, ROOT
 
 from rayvit.dvc import data_fingerprint, dir_md5, file_md5, tracked_fingerprint
 from rayvit.prepare import SUMS_FILE, prepare_data, read_sums, sha256, split_file, verify_sums
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 REPO_FILES = ["rayvit", "ray_jobs", "configs", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc"]
@@ -286,6 +282,16 @@ def test_dockerfile_base_image_matches_pyproject() -> None:
     assert tag("gpu") == f"rayproject/ray:{ray_pin}-py311-gpu" and tag("cpu").endswith(f"{ray_pin}-py311-cpu")
     later_args = dict(rest.split("=", 1) for w, rest in ins[first_from:] if w == "ARG" and "=" in rest)
     assert later_args["TORCH_VERSION"] == torch_pin
+
+
+def test_declared_python_versions_agree_with_the_tested_one() -> None:
+    """requires-python, ruff's and mypy's target and the image's Python (checked above) name one
+    version, and the tests run on it: the lowest version the project claims is the tested one."""
+    python = PYPROJECT["tool"]["mypy"]["python_version"]
+    assert PYPROJECT["project"]["requires-python"] == f">={python}"
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == "py" + python.replace(".", "")
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert running == python, f"tests run on Python {running}, the project declares {python}"
 
 
 def test_dockerfile_runs_as_non_root_and_names_existing_files() -> None:
