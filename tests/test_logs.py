@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_train_cli
+from conftest import TINY, require_data, run_train_cli
 
 # Lines seen before rayvit.logs silenced them (Ray, Tune, HF hub, wandb's teardown).
 CHATTER = [
@@ -41,6 +41,7 @@ RAY_OWN = ["Detected that the Ray Train controller actor"]
 
 @pytest.mark.slow
 def test_sweep_prints_only_project_lines_warnings_and_errors(tmp_path: Path) -> None:
+    require_data()
     out = run_train_cli(
         [
             *TINY,
