@@ -54,7 +54,7 @@ def test_param_groups_decay_weights_only() -> None:
         pretrained=None, image_size=16, patch_size=4, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32
     )
     model = build_model(cfg, ["a", "b", "c"])
-    model.vit.embeddings.patch_embeddings.projection.bias.requires_grad_(False)  # frozen: in no group
+    model.get_parameter("vit.embeddings.patch_embeddings.projection.bias").requires_grad_(False)  # frozen
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
