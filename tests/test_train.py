@@ -206,6 +206,7 @@ def test_a_tiny_run_learns(ray_cluster: None, tmp_path: Path) -> None:
         tmp_path,
         "data.train_limit=4000",
         "data.val_limit=500",
+        "data.test_limit=1000",
         "model.hidden_size=96",
         "model.num_layers=4",
         "model.num_heads=3",
@@ -220,5 +221,6 @@ def test_a_tiny_run_learns(ray_cluster: None, tmp_path: Path) -> None:
     val_baseline = np.bincount(val.labels).max() / len(val)
     test_baseline = np.bincount(test.labels).max() / len(test)
     assert val_baseline < 0.15 and test_baseline < 0.15  # ten classes, roughly balanced
-    assert summary.metrics["val_accuracy"] >= max(0.25, 2 * val_baseline), summary.metrics
-    assert summary.metrics["test_accuracy"] >= max(0.22, 1.8 * test_baseline), summary.metrics
+    # measured: val 0.282 and test 0.282 against baselines of 0.116 and 0.109
+    assert summary.metrics["val_accuracy"] >= max(0.22, 2 * val_baseline), summary.metrics
+    assert summary.metrics["test_accuracy"] >= max(0.2, 2 * test_baseline), summary.metrics
