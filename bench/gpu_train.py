@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def measure(recipe: str, device: torch.device, batch: int, steps: int, warmup: i
     """Images per second over ``steps`` training steps after ``warmup`` ones."""
     cfg = load_config(recipe, ["model.pretrained=null", f"train.batch_size={batch}"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, CLASSES).to(device)
+    model: Any = build_model(cfg.model, CLASSES).to(device)  # type: ignore[arg-type]
     pre = build_preprocessor(cfg.model)
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(
@@ -87,7 +88,10 @@ def main() -> None:
     del model
     for compiled in [False] if args.no_compile else [False, True]:
         rate = measure(args.recipe, device, args.batch, args.steps, args.warmup, compiled)
-        util = f"MFU {100 * mfu(rate, flops, peak):.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU n/a"
+        util_ = mfu(rate, flops, peak)
+        util = (
+            f"MFU {100 * util_:.1f}% of {(peak or 0) / 1e12:.0f} TFLOP/s" if util_ is not None else "MFU n/a"
+        )
         print(f"  {'torch.compile' if compiled else 'eager':<13}: {rate:8.1f} img/s  {util}")
 
 

@@ -182,7 +182,9 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
         else:
             num_workers = max(1, cap.gpus)
     else:
-        num_workers = sc.num_workers
+        num_workers = (
+            sc.num_workers if isinstance(sc.num_workers, int) else (sc.num_workers[0], sc.num_workers[1])
+        )
     per_worker: dict[str, float] = {"CPU": sc.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = 1.0

@@ -391,9 +391,10 @@ class _Progress:
             "lr": float(scheduler.get_last_lr()[0]),
             "elapsed_s": elapsed,
         }
-        if self.peak:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            metrics["mfu"] = mfu(img_s / world, self.flops_per_image, self.peak)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        util = mfu(img_s / world, self.flops_per_image, self.peak)
+        if util is not None:
+            metrics["mfu"] = util
         self._log(metrics)
         return metrics
 

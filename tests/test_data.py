@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA_DIR
 
+import rayvit.data
 from rayvit.config import DataConfig
 from rayvit.data import load_test, load_train_val, split_indices
 from rayvit.errors import UserError
@@ -27,10 +27,10 @@ def test_split_is_seeded_stable_and_disjoint() -> None:
     assert set(tr1.tolist()) | set(va1.tolist()) == set(range(50_000))
 
 
-def test_train_limit_keeps_validation_fixed() -> None:
+def test_train_limit_keeps_validation_fixed(cifar10: Path) -> None:
     _, va_all = split_indices(1000, 0.2, seed=0)
-    cfg_a = DataConfig(path=str(DATA_DIR), train_limit=100, val_limit=50, cache_dir=None)
-    cfg_b = DataConfig(path=str(DATA_DIR), train_limit=300, val_limit=50, cache_dir=None)
+    cfg_a = DataConfig(path=str(cifar10), train_limit=100, val_limit=50, cache_dir=None)
+    cfg_b = DataConfig(path=str(cifar10), train_limit=300, val_limit=50, cache_dir=None)
     a = load_train_val(cfg_a, seed=0, image_size=32)
     b = load_train_val(cfg_b, seed=0, image_size=32)
     assert np.array_equal(a.val.images, b.val.images)
@@ -38,9 +38,11 @@ def test_train_limit_keeps_validation_fixed() -> None:
     assert len(va_all) == 200
 
 
-def test_real_data_splits_do_not_overlap(tmp_path: Path) -> None:
+def test_real_data_splits_do_not_overlap(
+    cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = DataConfig(
-        path=str(DATA_DIR), train_limit=400, val_limit=400, test_limit=400, cache_dir=str(tmp_path)
+        path=str(cifar10), train_limit=400, val_limit=400, test_limit=400, cache_dir=str(tmp_path)
     )
     tv = load_train_val(cfg, seed=0, image_size=32)
     test = load_test(cfg, image_size=32)
@@ -48,8 +50,13 @@ def test_real_data_splits_do_not_overlap(tmp_path: Path) -> None:
     assert tv.class_names[:3] == ["airplane", "automobile", "bird"] and len(tv.class_names) == 10
     tr, va, te = _hashes(tv.train.images), _hashes(tv.val.images), _hashes(test.images)
     assert not tr & va and not tr & te and not va & te
-    # the cache is used on the second load and gives identical arrays
+    # the second load reads the cache: no image is decoded again, and the arrays are identical
     assert list(tmp_path.glob("*.npz"))
+
+    def no_decoding(*args: object) -> np.ndarray:
+        raise AssertionError("images decoded again although the cache holds them")
+
+    monkeypatch.setattr(rayvit.data, "_decode_all", no_decoding)
     again = load_train_val(cfg, seed=0, image_size=32)
     assert np.array_equal(again.train.images, tv.train.images)
     assert np.array_equal(again.train.labels, tv.train.labels)

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, require_data
 
 
 def _free_port() -> int:
@@ -25,6 +25,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
+    require_data()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
