@@ -115,12 +115,17 @@ BAD_CONFIGS = [
         "invalid value for 'data.train_limit': Input should be greater than or equal to 1 (got 0)",
     ),
     (
+        "scaling.num_workers=[3,2]",
+        "scaling.num_workers [3, 2]: the minimum is above the maximum",
+    ),
+    (
         "scaling.num_workers=0",
-        "invalid value for 'scaling.num_workers': Input should be greater than or equal to 1 or 'auto' (got 0)",
+        "invalid value for 'scaling.num_workers': Input should be greater than or equal to 1 or a valid list "
+        "or 'auto' (got 0)",
     ),
     (
         "scaling.num_workers=true",
-        "invalid value for 'scaling.num_workers': Input should be a valid integer or 'auto' (got True)",
+        "invalid value for 'scaling.num_workers': Input should be a valid integer or a valid list or 'auto' (got True)",
     ),
     (
         "tune.max_concurrent_trials=0",
@@ -198,7 +203,7 @@ def test_help_lists_every_key_with_type_default_and_meaning() -> None:
     assert (
         "  tune.lrs (list[float > 0] (non-empty) | null, default null)\n      Grid of learning rates" in out
     )
-    assert "  scaling.num_workers (int >= 1 | 'auto', default auto)" in out
+    assert "  scaling.num_workers (int >= 1 | list[int >= 1] (2 items) | 'auto', default auto)" in out
 
 
 def test_every_key_has_a_docstring() -> None:
