@@ -91,6 +91,24 @@ def _autoscaler_kind() -> str | None:
     return None
 
 
+def keep_coordinator_off_workers() -> None:
+    """Create Ray Train's autoscaling coordinator from the job's driver.
+
+    The coordinator is a detached actor that Ray creates on the node of its first user, which
+    is a trial's controller: on a cluster whose head runs no training, a worker node, which then
+    never goes idle and is never scaled down. Created from the driver (on the head node under
+    ``ray job submit``) it lives there instead; later users find it by name.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # a Ray without it: nothing to pin
+        return
+
+
 def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.0) -> bool | None:
     """Ask the cluster's autoscaler whether it could ever place ``bundles`` (all at once).
 
@@ -189,6 +207,8 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
     if use_gpu:
         per_worker["GPU"] = 1.0
     placement = Placement(num_workers, use_gpu, per_worker)
+    if scaling:
+        keep_coordinator_off_workers()
     if sc.check_resources:
         if scaling:
             _check_autoscaler_fits(placement, cap)
