@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -135,6 +136,35 @@ def test_rerun_of_finished_run_does_not_train_again(trained_run: Path) -> None:
     summary = run_job(tiny_config(trained_run.parent))
     assert summary.resumed_finished
     assert (trained_run / "best" / "metrics.json").read_text() == before
+
+
+def test_rerun_with_other_settings_names_what_changed(trained_run: Path) -> None:
+    """A finished run is not answered with its old result when the command asks for another."""
+    before = (trained_run / "best" / "metrics.json").read_text()
+    out = run_train_cli([*TINY, f"output_dir={trained_run}", "train.lr=5e-4", "train.epochs=2"])
+    assert out.returncode == 2, out.stdout[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: output_dir {trained_run} holds a run with other settings (")
+    assert "train.epochs: 1 -> 2" in lines[0] and "train.lr: 0.001 -> 0.0005" in lines[0]
+    assert "restart=true" in lines[0]
+    assert "already finished" not in out.stdout
+    assert (trained_run / "best" / "metrics.json").read_text() == before
+
+
+def test_a_diverging_run_stops_at_once_with_one_line(tmp_path: Path) -> None:
+    out = run_train_cli([*TINY, f"output_dir={tmp_path / 'run'}", "train.lr=1e30", "train.grad_clip=null"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    # (Ray's own C++ notice about Train's preemption watcher may precede it on stderr)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert re.fullmatch(
+        r"error: training diverged: non-finite loss at step \d+ of epoch 1 \(learning rate [\d.e+-]+\)",
+        lines[0],
+    ), lines[0]
+    assert "epoch 1/1  train_loss" not in out.stdout  # stopped inside the first epoch
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_worker_fault_resumes_from_checkpoint_not_from_scratch(ray_cluster: None, tmp_path: Path) -> None:
