@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -74,6 +75,7 @@ class ViTClassifier:
 
         hf_logging.disable_progress_bar()
         self.settings = ReplicaSettings()
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self._threads = _thread_count(self.settings.torch_threads)
         self._thread_state = threading.local()
         self.forward_threads = 0  # torch threads of the last forward pass, as the model ran it
@@ -106,6 +108,7 @@ class ViTClassifier:
         self._threads = _thread_count(settings.torch_threads)
         self.decoder.resize(settings.decode_threads)
         limit_pil_pixels(settings.max_pixels)
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the replica owns its process
         self.decode_limits = DecodeLimits.of(settings, self.side)
         self.settings = settings
 
