@@ -249,9 +249,9 @@ class HealthBody(BaseModel):
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-# /predict reads its query parameter, key and body itself (no FastAPI dependencies or parameter
-# validation per request: they cost more than the whole no-op request in Serve); the schema below
-# describes exactly what it accepts.
+# /predict reads its query parameter, key and body itself: FastAPI's dependency solving and parameter
+# validation were a large part of its per-request cost (docs/serving.md, "Benchmark"). The schema
+# below describes exactly what it accepts.
 PREDICT_OPENAPI: dict[str, Any] = {
     "parameters": [
         {
