@@ -67,7 +67,8 @@ class DecodePool:
         deadline = time.monotonic() + limits.timeout_s
         job = self._pool.submit(decode_request, blobs, limits, deadline)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job), limits.timeout_s)
+            async with asyncio.timeout(limits.timeout_s):  # cancels the job too if it has not started
+                return await asyncio.wrap_future(job)
         except TimeoutError:
             if job.cancel():  # never started: the pool was busy with other requests
                 raise HttpError(

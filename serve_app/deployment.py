@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -74,6 +75,7 @@ class ViTClassifier:
 
         hf_logging.disable_progress_bar()
         self.settings = ReplicaSettings()
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self._threads = _thread_count(self.settings.torch_threads)
         self._thread_state = threading.local()
         self.forward_threads = 0  # torch threads of the last forward pass, as the model ran it
@@ -83,8 +85,9 @@ class ViTClassifier:
         self.metrics = ServeMetrics(self.name, self.version)
         self.api_keys = ApiKeys.load(None)
         self.decoder = DecodePool(self.settings.decode_threads)
-        self.pending = 0
         self.side = self.predictor.pre.image_size
+        self.decode_limits = DecodeLimits.of(self.settings, self.side)
+        self.pending = 0
         self._probe_image = np.random.default_rng(0).integers(0, 256, (self.side, self.side, 3), np.uint8)
         self._unhealthy: str | None = None
         self._last_ok = 0.0
@@ -105,6 +108,8 @@ class ViTClassifier:
         self._threads = _thread_count(settings.torch_threads)
         self.decoder.resize(settings.decode_threads)
         limit_pil_pixels(settings.max_pixels)
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the replica owns its process
+        self.decode_limits = DecodeLimits.of(settings, self.side)
         self.settings = settings
 
     # -- HTTP (called by serve_app.http) -----------------------------------------------------------
@@ -119,12 +124,14 @@ class ViTClassifier:
         self.pending += 1
         try:
             images, names, multipart = await self._images(request, settings)
-            probs = await asyncio.gather(*(self.infer(image) for image in images))
+            if len(images) == 1:  # the common case: no gather, no extra task
+                probs = [await self.infer(images[0])]
+            else:
+                probs = await asyncio.gather(*(self.infer(image) for image in images))
         finally:
             self.pending -= 1
         k = top_k or settings.default_top_k
         preds = [self._prediction(p, k) for p in probs]
-        self.metrics.predicted([p["label"] for p in preds])
         if not multipart or len(preds) == 1:
             return json_response(preds[0])
         for pred, name in zip(preds, names, strict=True):
@@ -147,7 +154,7 @@ class ViTClassifier:
             files = await read_files(body, ctype, settings.max_files)
         else:
             files = [(None, body)]
-        images = await self.decoder.decode([f[1] for f in files], DecodeLimits.of(settings, self.side))
+        images = await self.decoder.decode([f[1] for f in files], self.decode_limits)
         return images, [f[0] for f in files], multipart
 
     def health(self) -> tuple[int, dict[str, Any]]:
@@ -202,8 +209,12 @@ class ViTClassifier:
         except Exception as exc:
             self._unhealthy = f"forward pass failed: {type(exc).__name__}: {str(exc)[:200]}"
             raise
-        if np.isfinite(probs).all():
+        finite = np.isfinite(probs).all(axis=1)
+        if finite.all():
             self._last_ok = time.monotonic()
+        # counted per batch, not per request: one counter update per class in the batch
+        labels = self.predictor.labels
+        self.metrics.predicted([labels[i] for i in probs[finite].argmax(axis=1)])
         return list(probs)
 
     def _forward(self, images: list[np.ndarray]) -> np.ndarray:

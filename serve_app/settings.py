@@ -69,6 +69,10 @@ class ReplicaSettings(BaseModel):
     default_top_k: int = Field(3, ge=1, le=10)
     decode_threads: int = Field(2, ge=1, le=64)
     """Threads that decode images, per replica; each holds at most one image being decoded."""
+    gil_switch_interval_ms: float = Field(0.5, gt=0.0, le=100.0)
+    """How long a thread that wants the GIL waits before the holder must hand it over (Python's
+    default is 5 ms). Every request hops to a decode thread and back, and torch re-takes the GIL
+    after each op: at 5 ms each hop waits up to that long whenever another thread runs Python."""
     decode_timeout_s: float = Field(10.0, gt=0.0)
     """A request's images must be decoded within this; otherwise 422 (or 503 if decoding never started)."""
     body_timeout_s: float = Field(10.0, gt=0.0)

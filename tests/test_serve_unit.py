@@ -23,7 +23,15 @@ from rayvit.imageio import (
 )
 from rayvit.preprocess import to_uint8_array
 from serve_app import BuildError, app, build_app
-from serve_app.http import ApiKeys, HttpError, parse_header_value, read_files
+from serve_app.http import (
+    ApiKeys,
+    HttpError,
+    bearer_token,
+    parse_header_value,
+    parse_top_k,
+    read_files,
+    require_key,
+)
 from serve_app.settings import deployment_options, merge, replica_settings
 
 RNG = np.random.default_rng(0)
@@ -163,6 +171,26 @@ def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not loaded.check("# comment") and not loaded.check("") and not loaded.check(None)
     with pytest.raises(UserError, match=r"api_keys_file .*nope cannot be read"):
         ApiKeys.load(str(tmp_path / "nope"))
+
+
+def test_top_k_and_bearer_key_are_parsed_strictly() -> None:
+    assert parse_top_k(None) is None
+    assert [parse_top_k(v) for v in ("1", "10", " 3 ", "007")] == [1, 10, 3, 7]
+    for bad in ("0", "11", "abc", "2.5", "", "-1", "+3", "1_0", "\u0663", "1e1"):
+        with pytest.raises(HttpError) as err:
+            parse_top_k(bad)
+        assert err.value.status == 422 and "top_k must be an integer from 1 to 10" in err.value.reason, bad
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert (
+        bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    )
+    require_key(ApiKeys([]), None)  # keys off: nothing needed
+    keys = ApiKeys(["k1"])
+    require_key(keys, "k1")
+    for wrong in (None, "k2", ""):
+        with pytest.raises(HttpError) as err:
+            require_key(keys, wrong)
+        assert err.value.status == 401 and err.value.headers == {"WWW-Authenticate": "Bearer"}
 
 
 def test_large_images_are_reduced_while_decoding_never_below_the_target() -> None:
