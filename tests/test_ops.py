@@ -28,7 +28,17 @@ from rayvit.dvc import data_fingerprint, dir_md5, file_md5, tracked_fingerprint
 from rayvit.prepare import SUMS_FILE, prepare_data, read_sums, sha256, split_file, verify_sums
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-REPO_FILES = ["rayvit", "ray_jobs", "tuning", "configs", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc"]
+REPO_FILES = [
+    "rayvit",
+    "ray_jobs",
+    "tuning",
+    "configs",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc",
+]
 TRAIN_ROWS, TEST_ROWS = 256, 128
 
 
