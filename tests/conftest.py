@@ -68,12 +68,22 @@ def cifar10() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One real local Ray cluster for the in-process tests of this session."""
+    """One real local Ray cluster for the in-process tests of this session, started as the job
+    starts its own: with a dashboard whose state API Ray Train's placement-group cleaner asks,
+    so every finished trial's workers are released for the next one."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    from rayvit.cluster import init_ray
+    from rayvit.config import RayConfig
+
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    init_ray(RayConfig(num_cpus=2))
     yield
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 @pytest.fixture(scope="session")
