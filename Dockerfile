@@ -8,8 +8,11 @@
 #   docker run --rm --gpus all --shm-size=8g rayvit:0.1.0-gpu       # training job (CMD below)
 #   docker run --rm --shm-size=4g -v "$PWD/data:/home/ray/app/data:ro" rayvit:0.1.0-cpu \
 #       python ray_jobs/train.py --config configs/quick.yaml data.path=data/cifar10
-#   docker run --rm -p 8000:8000 -v "$PWD/models:/home/ray/app/models:ro" rayvit:0.1.0-cpu \
-#       serve run configs/serve.yaml                                # the Serve app
+#   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/models:/home/ray/app/models:ro" \
+#       -e RAYVIT_SERVE_HOST=0.0.0.0 -e RAYVIT_API_KEYS=change-me rayvit:0.1.0-cpu \
+#       python -m serve_app configs/serve.yaml                      # the Serve app
+# The Serve app listens on the container's loopback (unreachable from the host) unless
+# RAYVIT_SERVE_HOST says otherwise; a non-loopback host needs API keys (docs/serving.md).
 ARG RAY_VERSION=2.60.0
 ARG PYTHON_TAG=py311
 ARG RAY_VARIANT=gpu

@@ -8,7 +8,7 @@ in-memory array, side by side in one Ray Train run.
    trains one epoch of ``--images`` images twice, once from the job's Ray Data training shards
    (``train_batches``: prefetched, windowed shuffle) and once from the same decoded images as a
    uint8 array in each worker's memory (a seeded permutation strided by rank); same
-   ``Preprocessor``, ``_train_step`` and optimizer. The two alternate, and each keeps its best
+   ``Preprocessor``, ``train_step`` and optimizer. The two alternate, and each keeps its best
    round, so a slow minute of a shared machine does not decide the ratio. Goal: >= 0.95 x.
 
 Run: ``python bench/data_ingest.py [--data DIR] [--images N] [--rounds R]``.
@@ -36,7 +36,7 @@ from rayvit.config import Config, load_config
 from rayvit.data import plan_train_val, quiet_ray_data
 from rayvit.job import Ingest, datasets
 from rayvit.model import build_model, build_preprocessor
-from rayvit.train_loop import TRAIN, _all_reduce, _train_step, param_groups, train_batches, worker_threads
+from rayvit.train_loop import TRAIN, _all_reduce, param_groups, train_batches, train_step, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("in-memory array", "Ray Data")
@@ -80,7 +80,7 @@ def bench_loop(config: dict[str, Any]) -> None:
                 if not seen:
                     first[mode].append(time.perf_counter() - t0)
                 x = pre(x.to(device), train=cfg.train.augment, generator=gen)
-                _train_step(model, model, optimizer, x, y.to(device), cfg, False)
+                train_step(model, model, optimizer, x, y.to(device), cfg, False)
                 seen += len(y)
             total, (slowest,) = (
                 _all_reduce([seen], device)[0],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any cwd
 
-from rayvit.cli import parse_config, run_cli
+from rayvit.cli import TRAIN_DESCRIPTION, TRAIN_PROG, parse_config, run_cli
 from tuning import run_job
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
@@ -21,7 +21,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.ya
 
 def main(argv: Sequence[str] | None = None) -> None:
     def _main() -> None:
-        cfg = parse_config(argv, DEFAULT_CONFIG, "Sweep, train and export a ViT image classifier on Ray.")
+        cfg = parse_config(argv, DEFAULT_CONFIG, TRAIN_DESCRIPTION, TRAIN_PROG)
         summary = run_job(cfg)
         state = "already finished" if summary.resumed_finished else "exported"
         print(

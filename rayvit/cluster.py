@@ -68,7 +68,7 @@ class Capacity:
     gpus: int
     max_cpus_per_node: float
     autoscaler: str | None
-    """``v2``, ``v1`` or None (a fixed cluster)."""
+    """``v2`` or None (checked as a fixed cluster)."""
 
 
 def cluster_capacity() -> Capacity:
@@ -79,18 +79,36 @@ def cluster_capacity() -> Capacity:
 
 
 def _autoscaler_kind() -> str | None:
-    from ray._private import ray_constants
+    """``v2`` when autoscaler v2 runs (it can say what it could never place), else None.
+
+    Autoscaler v1 runs on every cluster, a laptop's ``ray.init()`` too (with a provider that
+    adds nothing), and cannot tell either; such a cluster is checked as a fixed one
+    (``scaling.check_resources=false`` skips that on a v1 autoscaling cluster).
+    """
     from ray.autoscaler.v2.utils import is_autoscaler_v2
-    from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        if is_autoscaler_v2(fetch_from_server=True):
-            return "v2"
-        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:
-            return "v1"
+        return "v2" if is_autoscaler_v2(fetch_from_server=True) else None
     except Exception:
         return None
-    return None
+
+
+def keep_coordinator_off_workers() -> None:
+    """Create Ray Train's autoscaling coordinator from the job's driver.
+
+    The coordinator is a detached actor that Ray creates on the node of its first user, which
+    is a trial's controller: on a cluster whose head runs no training, a worker node, which then
+    never goes idle and is never scaled down. Created from the driver (on the head node under
+    ``ray job submit``) it lives there instead; later users find it by name.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # a Ray without it: nothing to pin
+        return
 
 
 def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.0) -> bool | None:
@@ -99,7 +117,7 @@ def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.
     The bundles become a cluster resource constraint (``ray.autoscaler.sdk.request_resources``);
     autoscaler v2 answers within two of its rounds: infeasible (no node type fits), or not.
     The constraint is withdrawn afterwards: Ray Train asks for its workers itself. None when
-    the autoscaler gives no answer (v1, or no answer in time).
+    the autoscaler gives no answer in time.
     """
     from ray._raylet import GcsClient  # type: ignore[attr-defined]
     from ray.autoscaler.sdk import request_resources
@@ -172,7 +190,7 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
     scaling = cap.autoscaler is not None
     use_gpu: bool
     if sc.use_gpu == "auto":
-        use_gpu = cap.gpus > 0 or (cap.autoscaler == "v2" and autoscaler_can_place([{"GPU": 1.0}]) is True)
+        use_gpu = cap.gpus > 0 or (scaling and autoscaler_can_place([{"GPU": 1.0}]) is True)
     else:
         use_gpu = bool(sc.use_gpu)
     num_workers: int | tuple[int, int]
@@ -184,11 +202,15 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
         else:
             num_workers = max(1, cap.gpus)
     else:
-        num_workers = sc.num_workers
+        num_workers = (
+            sc.num_workers if isinstance(sc.num_workers, int) else (sc.num_workers[0], sc.num_workers[1])
+        )
     per_worker: dict[str, float] = {"CPU": sc.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = 1.0
     placement = Placement(num_workers, use_gpu, per_worker)
+    if scaling:
+        keep_coordinator_off_workers()
     if sc.check_resources:
         if scaling:
             _check_autoscaler_fits(placement, cap)

@@ -8,28 +8,50 @@ what flows to every Ray worker and what is saved next to every checkpoint.
 from __future__ import annotations
 
 import difflib
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rayvit.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML ``true`` is not the integer 1 and ``2.5`` is not an epoch count;
+    # no NaN or infinity anywhere; the docstring under each field is its ``--help`` text.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        strict=True,
+        allow_inf_nan=False,
+        use_attribute_docstrings=True,
+    )
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+RGB = Annotated[list[float], Field(min_length=3, max_length=3)]
+RGBPositive = Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]
 
 
 class DataConfig(_Section):
-    path: str = "uoft-cs/cifar10"
+    path: str = Field("uoft-cs/cifar10", min_length=1)
     """Hub data set id, a local folder in hub layout, or an imagefolder."""
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    train_limit: int | None = Field(None, ge=1)
-    val_limit: int | None = Field(None, ge=1)
-    test_limit: int | None = Field(None, ge=1)
+    """Share of the ``train`` split held out for validation (seeded, the same in every run)."""
+    train_limit: PositiveInt | None = None
+    """First N training images only; null = all."""
+    val_limit: PositiveInt | None = None
+    """First N validation images only; null = all."""
+    test_limit: PositiveInt | None = None
+    """First N test images for the final evaluation; null = all."""
     image_column: str | None = None
     """Column with the images; null = the first ``Image`` feature."""
     label_column: str | None = None
@@ -58,87 +80,140 @@ class ModelConfig(_Section):
     pretrained: str | None = "google/vit-base-patch16-224-in21k"
     """Hub id or local folder to fine-tune; null = train from scratch."""
     image_size: int = Field(224, ge=8)
+    """Side of the square model input in pixels; images are resized to it."""
     patch_size: int = Field(16, ge=1)
+    """Side of a ViT patch in pixels (from scratch only; a pretrained model keeps its own)."""
     hidden_size: int = Field(768, ge=8)
-    num_layers: int = Field(12, ge=1)
-    num_heads: int = Field(12, ge=1)
+    """Width of the transformer (from scratch only)."""
+    num_layers: PositiveInt = 12
+    """Transformer blocks (from scratch only)."""
+    num_heads: PositiveInt = 12
+    """Attention heads per block (from scratch only)."""
     mlp_dim: int = Field(3072, ge=8)
+    """Hidden width of each block's MLP (from scratch only)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    image_mean: list[float] | None = None
-    """Normalization mean; null = the pretrained processor's, else 0.5."""
-    image_std: list[float] | None = None
+    """Dropout of hidden states and attention probabilities (from scratch only)."""
+    image_mean: RGB | None = None
+    """Normalization mean per RGB channel; null = the pretrained processor's, else 0.5."""
+    image_std: RGBPositive | None = None
+    """Normalization standard deviation per RGB channel (> 0); null = the pretrained processor's, else 0.5."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: PyTorch's scaled_dot_product_attention or the plain one."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.pretrained is None and self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size={self.image_size} is not a multiple of model.patch_size={self.patch_size}"
+            )
+        if self.pretrained is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}"
+            )
+        return self
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: PositiveInt = 3
+    """Passes over the training images."""
+    batch_size: PositiveInt = 64
     """Per worker."""
-    eval_batch_size: int = Field(256, ge=1)
-    evals_per_epoch: int = Field(1, ge=1)
+    eval_batch_size: PositiveInt = 256
+    """Per worker, for validation and test passes."""
+    evals_per_epoch: PositiveInt = 1
     """Validation passes per epoch; the ones before the epoch's end only report metrics (for
     ASHA to stop a weak trial early), checkpoints stay at epoch ends."""
-    lr: float = Field(5e-5, gt=0.0)
+    lr: PositiveFloat = 5e-5
+    """Peak learning rate of AdamW (after warmup); a sweep replaces it per trial."""
     weight_decay: float = Field(0.05, ge=0.0)
+    """AdamW weight decay; biases, norms and the position/class tokens get none."""
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of all steps spent in linear warmup; cosine decay to zero follows."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Label smoothing of the cross-entropy loss."""
+    grad_clip: PositiveFloat | None = 1.0
+    """Gradient norm clip; null = off."""
     augment: bool = True
     """Random crop (padding 1/8 of the side) and horizontal flip."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on GPU, fp32 on CPU."""
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: PositiveInt | None = None
     """torch threads per worker; null = the worker's CPU count."""
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: PositiveInt = 2
     """Best k checkpoints kept by validation accuracy (the latest is always kept)."""
     max_failures: int = Field(3, ge=-1)
-    inject_fault_epoch: int | None = Field(None, ge=1)
+    """Worker failures Ray Train recovers from (from the last checkpoint); -1 = no limit."""
+    inject_fault_epoch: PositiveInt | None = None
     """Chaos testing: the last worker dies once, midway through the epoch after this one."""
     compile: bool = False
     """``torch.compile`` the model (worth it on GPUs for long runs; slow to start on CPUs)."""
 
 
 class ScalingSection(_Section):
-    num_workers: int | tuple[int, int] | Literal["auto"] = "auto"
-    """A fixed count, an elastic ``[min, max]`` range (Train V2 resizes between them), or auto =
-    one worker per GPU the cluster has or its autoscaler can add, else one CPU worker."""
+    num_workers: (
+        PositiveInt | Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | Literal["auto"]
+    ) = "auto"
+    """A fixed count, an elastic ``[min, max]`` range (Ray Train V2 resizes between them), or auto =
+    one worker per GPU on a fixed cluster (one CPU worker without GPUs), the elastic range
+    ``[1, auto_max_workers]`` on an autoscaling one."""
     use_gpu: bool | Literal["auto"] = "auto"
-    """auto = GPUs when the cluster has them or its autoscaler can add them."""
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    auto_max_workers: int = Field(8, ge=1)
+    """Train on GPUs (one per worker); auto = when the cluster has any or its autoscaler can add one."""
+    cpus_per_worker: PositiveFloat = 1.0
+    """Logical CPUs reserved for each training worker."""
+    auto_max_workers: PositiveInt = 8
     """Upper end of the elastic range that ``num_workers: auto`` means on an autoscaling cluster."""
     check_resources: bool = True
     """Fail at once when even a fully scaled-up cluster could never place the workers."""
 
+    @model_validator(mode="after")
+    def _range(self) -> ScalingSection:
+        n = self.num_workers
+        if isinstance(n, list) and n[0] > n[1]:
+            raise ValueError(f"scaling.num_workers [{n[0]}, {n[1]}]: the minimum is above the maximum")
+        return self
+
 
 class TuneSection(_Section):
-    lrs: list[float] | None = None
+    lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | None = None
     """Grid of learning rates; one value (or null with no range) = no sweep."""
-    lr_min: float | None = Field(None, gt=0.0)
-    lr_max: float | None = Field(None, gt=0.0)
-    num_samples: int = Field(1, ge=1)
+    lr_min: PositiveFloat | None = None
+    """Lower end of a log-uniform learning-rate search (with lr_max, when lrs is null)."""
+    lr_max: PositiveFloat | None = None
+    """Upper end of a log-uniform learning-rate search (with lr_min, when lrs is null)."""
+    num_samples: PositiveInt = 1
     """Log-uniform samples between lr_min and lr_max (used when lrs is null)."""
     grace_period: float = Field(1.0, gt=0)
     """ASHA: epochs every trial runs before it can be stopped; a fraction needs
     ``train.evals_per_epoch`` validation passes per epoch to act on."""
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_concurrent_trials: int | Literal["auto"] = "auto"
+    """ASHA: keep the best 1/reduction_factor of trials at each rung."""
+    max_concurrent_trials: PositiveInt | Literal["auto"] = "auto"
     """auto = as many trials as the cluster can place side by side."""
-    driver_cpus: float = Field(0.01, gt=0.0)
+    driver_cpus: PositiveFloat = 0.01
     """Logical CPU of each trial's driver function, which only waits on its TorchTrainer."""
+
+    @model_validator(mode="after")
+    def _range(self) -> TuneSection:
+        if (self.lr_min is None) != (self.lr_max is None):
+            raise ValueError("tune.lr_min and tune.lr_max must be set together (or both null)")
+        if self.lr_min is not None and self.lr_max is not None and self.lr_min >= self.lr_max:
+            raise ValueError(f"tune.lr_min ({self.lr_min:g}) must be below tune.lr_max ({self.lr_max:g})")
+        return self
 
 
 class WandbSection(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto = online when WANDB_API_KEY is set, else offline files under output_dir."""
-    project: str = "rayvit"
+    project: str = Field("rayvit", min_length=1)
+    """wandb project of the runs."""
     entity: str | None = None
+    """wandb team or user; null = the API key's default."""
 
 
 class RayConfig(_Section):
     address: str | None = None
     """null = RAY_ADDRESS (set by ``ray job submit``) or a new local cluster; "auto" joins a running one."""
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: PositiveInt | None = None
     """Logical CPUs of a local cluster started by the job; null = all cores."""
     object_store_memory: int | None = Field(None, ge=78_643_200)
     """Bytes of object store of a local cluster started by the job (at least 75 MiB); null =
@@ -153,22 +228,31 @@ class StorageSection(_Section):
 
 class Config(_Section):
     data: DataConfig = DataConfig()
+    """Data set and split."""
     model: ModelConfig = ModelConfig()
+    """Model and input preprocessing."""
     train: TrainConfig = TrainConfig()
+    """Optimization, per training run."""
     scaling: ScalingSection = ScalingSection()
+    """Ray Train workers."""
     ray: RayConfig = RayConfig()
+    """Ray cluster to run on."""
     tune: TuneSection = TuneSection()
+    """Learning-rate sweep (Ray Tune with ASHA)."""
     wandb: WandbSection = WandbSection()
+    """Experiment tracking."""
     storage: StorageSection = StorageSection()
-    output_dir: str = "runs/default"
+    """Object storage settings for URI ``output_dir``s."""
+    output_dir: str = Field("runs/default", min_length=1)
     """Where checkpoints, Tune state, sweep.csv and best/ live: a local or shared folder, or a
     storage URI (``gs://bucket/prefix``, ``s3://...``) that every node reaches."""
-    local_dir: str = "~/.cache/rayvit"
+    local_dir: str = Field("~/.cache/rayvit", min_length=1)
     """This node's folder for what must be local: wandb offline files when output_dir is a
     URI, downloaded models."""
     restart: bool = False
     """Train from scratch even though output_dir holds a run (its contents are replaced)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    """Seeds the split, the shuffling, augmentation and model initialisation."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -188,28 +272,121 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _type_name(ann: Any) -> str:
+    """``int >= 1 | 'auto'``-style text for a field annotation, bounds included."""
+    origin = typing.get_origin(ann)
+    if origin is Annotated:
+        inner, *meta = typing.get_args(ann)
+        return _type_name(inner) + _bounds(meta)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(ann))
+    if origin is list:
+        return f"list[{', '.join(_type_name(a) for a in typing.get_args(ann))}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _bounds(meta: list[Any]) -> str:
+    """Pydantic's constraint objects (``Ge``, ``MinLen`` ...) as `` >= 1``, `` in [0, 1)`` or `` (3 items)``."""
+    found: dict[str, Any] = {}
+    # Inside a union the constraints stay wrapped in a FieldInfo: unwrap it.
+    for c in [x for m in meta for x in (getattr(m, "metadata", None) or [m])]:
+        for attr in ("gt", "ge", "lt", "le", "min_length", "max_length"):
+            if getattr(c, attr, None) is not None:
+                found[attr] = getattr(c, attr)
+    lower = ("(", found["gt"]) if "gt" in found else ("[", found["ge"]) if "ge" in found else None
+    upper = (")", found["lt"]) if "lt" in found else ("]", found["le"]) if "le" in found else None
+    text = ""
+    if lower and upper:
+        text = f" in {lower[0]}{lower[1]:g}, {upper[1]:g}{upper[0]}"
+    elif lower:
+        text = f" {'>' if lower[0] == '(' else '>='} {lower[1]:g}"
+    elif upper:
+        text = f" {'<' if upper[0] == ')' else '<='} {upper[1]:g}"
+    lo, hi = found.get("min_length"), found.get("max_length")
+    if lo is not None and lo == hi:
+        text += f" ({lo} items)"
+    elif lo is not None:
+        text += " (non-empty)" if lo == 1 else f" (at least {lo})"
+    return text
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``--help`` shows it."""
+
+    key: str
+    type: str
+    default: str
+    doc: str
+
+
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[KeyDoc]:
+    """Every key of ``model`` with its type, default and docstring, sections expanded."""
+    out: list[KeyDoc] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(config_keys(ann, f"{prefix}{name}."))
+            continue
+        type_text = _type_name(ann) + _bounds(list(field.metadata))
+        default = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
+        doc = " ".join((field.description or "").split())
+        out.append(KeyDoc(f"{prefix}{name}", type_text, default, doc))
+    return out
+
+
+def config_help(width: int = 100) -> str:
+    """The config keys as plain text: what ``--help`` prints and docs/config.md holds."""
+    lines: list[str] = []
+    section = ""
+    for k in config_keys():
+        head = k.key.rpartition(".")[0]
+        if head != section or not lines:
+            section = head
+            lines += ["", f"{head}: {Config.model_fields[head].description}" if head else "top level:"]
+        lines.append(f"  {k.key} ({k.type}, default {k.default})")
+        lines += textwrap.wrap(k.doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines).strip("\n") + "\n"
+
+
 def _closest(key: str) -> str:
     match = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    # A union failure carries the member's name after the key: keep only real keys.
+def _key_of(loc: tuple[int | str, ...]) -> tuple[str, str]:
+    """The dotted config key of an error location, and a list index (``[1]``) below it if any."""
     parts: list[str] = []
     model: type[BaseModel] | None = Config
-    for p in e["loc"]:
+    for p in loc:
         if model is None or str(p) not in model.model_fields:
-            if e["type"] == "extra_forbidden":
-                parts.append(str(p))
-            break
+            # A union failure carries the member's name after the key; a list its index.
+            index = f"[{p}]" if isinstance(p, int) else ""
+            return ".".join(parts), index
         parts.append(str(p))
         ann = model.model_fields[str(p)].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    key = ".".join(parts) or "config"
+    return ".".join(parts), ""
+
+
+def _first_error(err: ValidationError) -> str:
+    """One line for the first wrong key: what is wrong, what was given, what fits."""
+    errors = err.errors()
+    e = errors[0]
     if e["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in e["loc"])
         return f"unknown config key '{key}'{_closest(key)}"
-    return f"invalid value for '{key}': {e['msg']} (got {e.get('input')!r})"
+    key, index = _key_of(e["loc"])
+    if e["type"] == "value_error":  # a check across keys: its message names them
+        return str(e["ctx"]["error"])
+    # A union (e.g. an integer or "auto") fails once per member: say what each wanted.
+    wanted = list(dict.fromkeys(x["msg"] for x in errors if _key_of(x["loc"]) == (key, index)))
+    msg = " or ".join([wanted[0], *(w.removeprefix("Input should be ") for w in wanted[1:])])
+    return f"invalid value for '{key or 'config'}{index}': {msg} (got {e.get('input')!r})"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

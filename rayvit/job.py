@@ -124,10 +124,11 @@ class Job:
 
 
 def wandb_dir(cfg: Config, storage: Storage) -> str:
-    """Offline wandb files: beside the run when it is a local folder, else under ``local_dir``."""
+    """Where wandb makes its ``wandb/`` folder of offline runs: the run's folder when it is local,
+    else ``local_dir``."""
     if storage.is_local:
-        return storage.uri("wandb")
-    return str(Path(cfg.local_dir).expanduser() / "wandb")
+        return storage.root
+    return str(Path(cfg.local_dir).expanduser())
 
 
 def open_storage(cfg: Config) -> Storage:

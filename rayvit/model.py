@@ -22,14 +22,7 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> ViTForImageClassifi
     """``from_pretrained`` with a fresh head, or a fresh ``ViTConfig`` when not pretrained."""
     id2label, label2id = label_maps(class_names)
     if cfg.pretrained is None:
-        if cfg.image_size % cfg.patch_size:
-            raise UserError(
-                f"model.image_size={cfg.image_size} is not a multiple of model.patch_size={cfg.patch_size}"
-            )
-        if cfg.hidden_size % cfg.num_heads:
-            raise UserError(
-                f"model.hidden_size={cfg.hidden_size} is not a multiple of model.num_heads={cfg.num_heads}"
-            )
+        # image_size/patch_size and hidden_size/num_heads are checked by ModelConfig.
         arch: dict[str, Any] = dict(
             image_size=cfg.image_size,
             patch_size=cfg.patch_size,

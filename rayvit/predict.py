@@ -46,8 +46,8 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        use_bf16 = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        bf16 = use_bf16("auto", self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             out: torch.Tensor = self.model(pixel_values=pixel_values.to(self.device)).logits
         return out.float()
 

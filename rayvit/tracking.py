@@ -28,7 +28,36 @@ def run_id(group: str, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{group}-{name}")[:120]
 
 
-def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) -> Any:
+class Tracker:
+    """A wandb run that, when finished, also shuts down this process's wandb service.
+
+    Left to wandb's ``atexit`` hook, that shutdown runs while Ray is killing the worker
+    process (Train V2 ends its workers with ``ray.kill``) and dies with "Fatal Python error:
+    Aborted" and a traceback after a run that went fine. ``wandb.teardown`` now, while the
+    process is healthy, unregisters that hook.
+    """
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.run.log(metrics)
+
+    @property
+    def summary(self) -> Any:
+        return self.run.summary
+
+    def finish(self) -> None:
+        import wandb
+
+        try:
+            self.run.finish()
+            wandb.teardown()
+        except Exception as exc:  # tracking problems never fail a run
+            say(f"warning: wandb did not close cleanly: {str(exc).splitlines()[-1][:200]}")
+
+
+def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) -> Tracker | None:
     """A wandb run, or None when disabled."""
     if mode == "disabled":
         return None
@@ -41,7 +70,7 @@ def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) ->
     # the same group and name. Tracking problems never stop training.
     for rid in (base, f"{base}-{int(time.time())}"):
         try:
-            return wandb.init(
+            run = wandb.init(
                 project=cfg.wandb.project,
                 entity=cfg.wandb.entity,
                 group=group,
@@ -53,6 +82,7 @@ def start_run(cfg: Config, group: str, name: str, directory: Path, mode: str) ->
                 config=cfg.to_dict(),
                 reinit="finish_previous",
             )
+            return Tracker(run)
         except Exception as exc:
             last = exc
     say(f"warning: wandb disabled for {name}: {str(last).splitlines()[-1][:200]}")

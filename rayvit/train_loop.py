@@ -244,7 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             y = batch["label"]
             seen += len(y)
             try:
-                loss = _train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
+                loss = train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
             except DivergedError:
                 _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
                 return
@@ -288,7 +288,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
-def _train_step(
+def train_step(
     forward: Any,
     ddp_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -396,9 +396,10 @@ class _Progress:
             "lr": float(scheduler.get_last_lr()[0]),
             "elapsed_s": elapsed,
         }
-        if self.peak:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            metrics["mfu"] = mfu(img_s / world, self.flops_per_image, self.peak)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        util = mfu(img_s / world, self.flops_per_image, self.peak)
+        if util is not None:
+            metrics["mfu"] = util
         self._log(metrics)
         return metrics
 

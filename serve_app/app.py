@@ -8,10 +8,11 @@ from typing import Any
 import click
 from ray.serve import Application
 
-from rayvit.checkpoint import verify_model_folder
 from rayvit.errors import UserError
+from rayvit.storage import is_uri
 from serve_app.deployment import ViTClassifier
-from serve_app.settings import DEFAULT_MODEL_DIR, deployment_options, merge
+from serve_app.model_source import local_model_folder
+from serve_app.settings import DEFAULT_MODEL_DIR, TRAIN_COMMAND, deployment_options, merge
 
 ARGS = ("model_dir", "config")
 
@@ -44,15 +45,22 @@ def build_app(
     ``ViTClassifier`` deployment entry gives autoscaling, batching, resources
     and limits; ``overrides`` (same keys, merged on top) are for tests and tools.
     Fails before anything is deployed, with one line naming the path, when the
-    model folder is missing or invalid.
+    model folder is missing or invalid or its weights are not finite.
     """
+    if str(model_dir) == DEFAULT_MODEL_DIR and not Path(DEFAULT_MODEL_DIR).exists():
+        raise BuildError(
+            f"no model at {DEFAULT_MODEL_DIR}: train one with `{TRAIN_COMMAND}`, "
+            "or pass model_dir=PATH_OR_URI"
+        )
     try:
-        path = verify_model_folder(Path(model_dir).expanduser().resolve())
+        path = local_model_folder(model_dir)
         options = merge(deployment_options(config), overrides or {})
     except UserError as exc:
         raise BuildError(str(exc)) from None
     deployment: Any = ViTClassifier  # the @serve.deployment wrapper, typed by its class
-    application: Application = deployment.options(**options).bind(str(path))
+    # A URI goes to the replicas as it is: each downloads it once into its node's cache.
+    source = str(model_dir) if is_uri(str(model_dir)) else str(path)
+    application: Application = deployment.options(**options).bind(source)
     return application
 
 

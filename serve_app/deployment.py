@@ -1,10 +1,10 @@
-"""The model deployment: HTTP ingress, safe decoding and batched inference in one replica.
+"""The model deployment: FastAPI ingress, bounded decoding and batched inference in one replica.
 
 One replica process loads the exported model once (on its GPU when Ray gave it
-one), decodes requests on its event loop and feeds single images into a
-``@serve.batch`` queue, so concurrent requests share forward passes. Keeping
-decoding and inference in the same replica avoids a second network hop per
-request; autoscaling adds or removes whole replicas.
+one), decodes requests in a small thread pool (never on its event loop) and
+feeds single images into a ``@serve.batch`` queue, so concurrent requests share
+forward passes. Keeping decoding and inference in the same replica avoids a
+second network hop per request; autoscaling adds or removes whole replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -22,38 +23,38 @@ import ray
 import torch
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from rayvit.checkpoint import model_identity
-from rayvit.imageio import MIME_TYPES, ImageError, ImageTooLargeError, decode_image, limit_pil_pixels
+from rayvit.errors import UserError
+from rayvit.imageio import decode_image, limit_pil_pixels
 from rayvit.predict import Predictor
 from rayvit.preprocess import preprocess_arrays
+from serve_app.decoding import DecodeLimits, DecodePool
 from serve_app.http import (
+    ACCEPTED,
+    RAW_TYPES,
+    ApiKeys,
     HttpError,
-    error_response,
+    build_http_app,
     json_response,
     parse_header_value,
-    parse_multipart,
-    parse_top_k,
     read_body,
+    read_files,
 )
 from serve_app.metrics import ServeMetrics
+from serve_app.model_source import local_model_folder
 from serve_app.page import upload_page
 from serve_app.settings import DEPLOYMENT_NAME, ReplicaSettings, replica_settings
 
 logger = logging.getLogger("ray.serve")
 
-RAW_TYPES = MIME_TYPES | {"application/octet-stream"}
-ACCEPTED = "image/png, image/jpeg, image/webp, image/gif, image/bmp, image/tiff or multipart/form-data"
-#: Bodies up to this size are decoded on the event loop; larger ones in a thread.
-INLINE_DECODE_BYTES = 256 * 1024
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/": ("GET",),
-    "/predict": ("POST",),
-    "/healthz": ("GET",),
-    "/model": ("GET",),
-}
 LONG_LIST = 100
+
+
+class ModelHealthError(UserError):
+    """The model cannot produce finite outputs: the replica must not (keep) serving."""
 
 
 def _thread_count(requested: int | None) -> int:
@@ -67,159 +68,108 @@ def _thread_count(requested: int | None) -> int:
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64)
+@serve.ingress()
 class ViTClassifier:
     def __init__(self, model_dir: str) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         self.settings = ReplicaSettings()
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         self._threads = _thread_count(self.settings.torch_threads)
         self._thread_state = threading.local()
         self.forward_threads = 0  # torch threads of the last forward pass, as the model ran it
-        self.predictor = Predictor(model_dir)
+        self.predictor = Predictor(local_model_folder(model_dir, check_weights=False))
         self.name, self.version = model_identity(self.predictor.path, self.predictor.metrics)
         self.model_info = {"name": self.name, "version": self.version}
         self.metrics = ServeMetrics(self.name, self.version)
+        self.api_keys = ApiKeys.load(None)
+        self.decoder = DecodePool(self.settings.decode_threads)
+        self.side = self.predictor.pre.image_size
+        self.decode_limits = DecodeLimits.of(self.settings, self.side)
+        self.pending = 0
+        self._probe_image = np.random.default_rng(0).integers(0, 256, (self.side, self.side, 3), np.uint8)
+        self._unhealthy: str | None = None
+        self._last_ok = 0.0
         limit_pil_pixels(self.settings.max_pixels)
-        side = self.predictor.pre.image_size
-        self._forward([np.zeros((side, side, 3), np.uint8)])  # warm-up
+        self._probe([np.zeros((self.side, self.side, 3), np.uint8), self._probe_image])  # warm-up
         logger.info(f"loaded model {self.name} {self.version} from {model_dir} on {self.predictor.device}")
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return build_http_app(self, f"{self.name} image classifier")
 
     # -- settings ---------------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``user_config``: batching, limits and threads change without a restart."""
+        """Apply ``user_config``: batching, limits, keys and threads change without a restart."""
         settings = replica_settings(user_config)
+        self.api_keys = ApiKeys.load(settings.api_keys_file)
         self.infer.set_max_batch_size(settings.max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._threads = _thread_count(settings.torch_threads)
+        self.decoder.resize(settings.decode_threads)
         limit_pil_pixels(settings.max_pixels)
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the replica owns its process
+        self.decode_limits = DecodeLimits.of(settings, self.side)
         self.settings = settings
 
-    # -- HTTP -------------------------------------------------------------------------------------
-    async def __call__(self, request: Request) -> Response:
-        start = time.perf_counter()
-        route = _route(request)
-        try:
-            response = await self._dispatch(route, request)
-        except HttpError as err:
-            response = error_response(err)
-        except Exception:
-            logger.exception("unexpected error while handling %s %s", request.method, route)
-            response = json_response({"error": "internal server error"}, 500)
-        self.metrics.request(route, response.status_code, time.perf_counter() - start)
-        return response
-
-    async def _dispatch(self, route: str, request: Request) -> Response:
-        methods = ROUTES.get(route)
-        if methods is None:
-            raise HttpError(404, f"no such endpoint: {route} (try POST /predict, GET /model, GET /healthz)")
-        if request.method not in methods:
-            allow = ", ".join(methods)
-            raise HttpError(405, f"{request.method} is not allowed on {route}; use {allow}", {"Allow": allow})
-        if route == "/predict":
-            return await self._predict(request)
-        if route == "/healthz":
-            return json_response({"status": "ok", "model": self.model_info})
-        if route == "/model":
-            return json_response(self._model_summary())
-        return HTMLResponse(upload_page(_base(request), self.name))
-
-    async def _predict(self, request: Request) -> Response:
+    # -- HTTP (called by serve_app.http) -----------------------------------------------------------
+    async def predict(self, request: Request, top_k: int | None) -> Response:
         settings = self.settings
-        ctype = request.headers.get("content-type")
-        if not ctype:
-            raise HttpError(415, f"missing Content-Type; send {ACCEPTED}")
-        mime, params = parse_header_value(ctype)
-        if mime != "multipart/form-data" and mime not in RAW_TYPES:
-            raise HttpError(415, f"unsupported content type {mime[:80]!r}; send {ACCEPTED}")
-        top_k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k)
-        body = await read_body(request, settings.max_body_bytes)
-        if mime == "multipart/form-data":
-            files = [p for p in parse_multipart(body, params.get("boundary")) if p.name == "file"]
-            if not files:
-                raise HttpError(400, "multipart body has no 'file' part")
-            if len(files) > settings.max_files:
-                raise HttpError(
-                    413, f"{len(files)} files in one request, over the limit of {settings.max_files}"
-                )
-            for i, part in enumerate(files, 1):
-                if part.content_type and part.content_type not in RAW_TYPES:
-                    raise HttpError(415, f"file {i}: unsupported content type {part.content_type[:80]!r}")
-            blobs = [p.data for p in files]
-            names: list[str | None] = [p.filename for p in files]
-        else:
-            blobs, names = [body], [None]
-        if len(body) <= INLINE_DECODE_BYTES:
-            images = _decode_all(blobs, settings.max_pixels)
-        else:
-            images = await asyncio.to_thread(_decode_all, blobs, settings.max_pixels)
-        probs = await asyncio.gather(*(self.infer(image) for image in images))
-        preds = [self._prediction(p, top_k) for p in probs]
-        self.metrics.predicted([p["label"] for p in preds])
-        if mime != "multipart/form-data" or len(preds) == 1:
+        if self.pending >= settings.max_pending_requests:
+            raise HttpError(
+                503,
+                f"server busy: {self.pending} requests in progress on this replica; retry later",
+                {"Retry-After": str(settings.retry_after_s)},
+            )
+        self.pending += 1
+        try:
+            images, names, multipart = await self._images(request, settings)
+            if len(images) == 1:  # the common case: no gather, no extra task
+                probs = [await self.infer(images[0])]
+            else:
+                probs = await asyncio.gather(*(self.infer(image) for image in images))
+        finally:
+            self.pending -= 1
+        k = top_k or settings.default_top_k
+        preds = [self._prediction(p, k) for p in probs]
+        if not multipart or len(preds) == 1:
             return json_response(preds[0])
         for pred, name in zip(preds, names, strict=True):
             pred["filename"] = name
         return json_response({"predictions": preds, "model": self.model_info})
 
-    # -- inference --------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
-    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Softmax probabilities of single images, computed in dynamic batches."""
-        self.metrics.batch(len(images))
-        # Inline on purpose: Serve runs this code on its own event loop thread, so the replica's
-        # main loop keeps taking requests while the forward pass runs, and requests that arrive
-        # meanwhile form the next, larger batch. A further thread hop only adds GIL handoffs.
-        probs = self._forward(images)
-        return list(probs)
+    async def _images(
+        self, request: Request, settings: ReplicaSettings
+    ) -> tuple[list[np.ndarray], list[str | None], bool]:
+        """Read, check and decode the request's images (the body is dropped once decoded)."""
+        ctype = request.headers.get("content-type")
+        if not ctype:
+            raise HttpError(415, f"missing Content-Type; send {ACCEPTED}")
+        mime, _ = parse_header_value(ctype)
+        multipart = mime == "multipart/form-data"
+        if not multipart and mime not in RAW_TYPES:
+            raise HttpError(415, f"unsupported content type {mime[:80]!r}; send {ACCEPTED}")
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        if multipart:
+            files = await read_files(body, ctype, settings.max_files)
+        else:
+            files = [(None, body)]
+        images = await self.decoder.decode([f[1] for f in files], self.decode_limits)
+        return images, [f[0] for f in files], multipart
 
-    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
-        # torch's (OpenMP) thread count belongs to the calling thread, and Serve runs __init__,
-        # reconfigure and the batch handler on different threads: set it where the model runs.
-        state = self._thread_state
-        if getattr(state, "threads", None) != self._threads:
-            torch.set_num_threads(self._threads)
-            state.threads = self._threads
-        self.forward_threads = torch.get_num_threads()
-        return self.predictor.probabilities(images).numpy()
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self._unhealthy:
+            return 503, {"status": "failing", "error": self._unhealthy, "model": self.model_info}
+        return 200, {"status": "ok", "model": self.model_info}
 
-    def _prediction(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
-        k = min(top_k, probs.shape[0])
-        order = np.argsort(-probs, kind="stable")[:k]
-        labels = self.predictor.labels
-        top = [{"label": labels[i], "probability": float(probs[i])} for i in order]
-        return {
-            "label": top[0]["label"],
-            "probability": top[0]["probability"],
-            "top_k": top,
-            "model": self.model_info,
-        }
-
-    # -- for tests and tools (through a DeploymentHandle, not HTTP) --------------------------------
-    def pixel_values(self, data: bytes) -> np.ndarray:
-        """The model input this replica computes for one uploaded file."""
-        image = decode_image(data, self.settings.max_pixels)
-        x = preprocess_arrays(self.predictor.pre, [image], self.predictor.device)
-        return x.cpu().numpy()
-
-    def replica_info(self) -> dict[str, Any]:
-        infer: Any = self.infer
-        return {
-            "pid": os.getpid(),
-            "batch": [infer._get_max_batch_size(), infer._get_batch_wait_timeout_s()],
-            "model": self.model_info,
-            "settings": self.settings.model_dump(),
-            "torch_threads": self.forward_threads,
-            "device": str(self.predictor.device),
-        }
-
-    def _model_summary(self) -> dict[str, Any]:
+    def model_summary(self) -> dict[str, Any]:
         cfg = self.predictor.model.config
         metrics = dict(self.predictor.metrics)
         omitted = sorted(k for k, v in metrics.items() if isinstance(v, list) and len(v) > LONG_LIST)
         for key in omitted:
             metrics.pop(key)
         pre = self.predictor.pre
+        serving = self.settings.model_dump(exclude={"api_keys_file"})
         return {
             "name": self.name,
             "version": self.version,
@@ -237,29 +187,101 @@ class ViTClassifier:
             },
             "metrics": metrics,
             "metrics_omitted": omitted,
-            "serving": {**self.settings.model_dump(), "device": str(self.predictor.device)},
+            "serving": {**serving, "auth": self.api_keys.enabled, "device": str(self.predictor.device)},
         }
 
+    def page(self, base: str) -> str:
+        return upload_page(base, self.name)
 
-def _decode_all(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
-    images = []
-    for i, blob in enumerate(blobs, 1):
+    def record(self, route: str, status: int, seconds: float) -> None:
+        self.metrics.request(route, status, seconds)
+
+    # -- inference --------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Softmax probabilities of single images, computed in dynamic batches."""
+        self.metrics.batch(len(images))
+        # Inline on purpose: Serve runs this code on its own event loop thread, so the replica's
+        # main loop keeps taking requests while the forward pass runs, and requests that arrive
+        # meanwhile form the next, larger batch. A further thread hop only adds GIL handoffs.
         try:
-            images.append(decode_image(blob, max_pixels))
-        except ImageError as exc:
-            where = f"file {i}: " if len(blobs) > 1 else ""
-            raise HttpError(413 if isinstance(exc, ImageTooLargeError) else 400, f"{where}{exc}") from None
-    return images
+            probs = self._forward(images)
+        except Exception as exc:
+            self._unhealthy = f"forward pass failed: {type(exc).__name__}: {str(exc)[:200]}"
+            raise
+        finite = np.isfinite(probs).all(axis=1)
+        if finite.all():
+            self._last_ok = time.monotonic()
+        # counted per batch, not per request: one counter update per class in the batch
+        labels = self.predictor.labels
+        self.metrics.predicted([labels[i] for i in probs[finite].argmax(axis=1)])
+        return list(probs)
 
+    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
+        # torch's (OpenMP) thread count belongs to the calling thread, and Serve runs __init__,
+        # reconfigure and the batch handler on different threads: set it where the model runs.
+        state = self._thread_state
+        if getattr(state, "threads", None) != self._threads:
+            torch.set_num_threads(self._threads)
+            state.threads = self._threads
+        self.forward_threads = torch.get_num_threads()
+        return self.predictor.probabilities(images).numpy()
 
-def _base(request: Request) -> str:
-    return str(request.scope.get("root_path") or "").rstrip("/")
+    def _probe(self, images: list[np.ndarray]) -> None:
+        """A forward pass on known images that must give finite probabilities, else ``ModelHealthError``."""
+        try:
+            probs = self._forward(images)
+        except Exception as exc:
+            self._unhealthy = f"forward pass failed: {type(exc).__name__}: {str(exc)[:200]}"
+            raise ModelHealthError(f"model {self.name} {self.version}: {self._unhealthy}") from None
+        bad = int((~np.isfinite(probs)).sum())
+        if bad:
+            self._unhealthy = f"outputs are not finite ({bad} NaN/inf of {probs.size} on the probe images)"
+            raise ModelHealthError(
+                f"model folder {self.predictor.path}: {self._unhealthy}; the model cannot be served"
+            )
+        self._unhealthy = None
+        self._last_ok = time.monotonic()
 
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica.
 
-def _route(request: Request) -> str:
-    path = str(request.scope.get("path") or "/")
-    base = _base(request)
-    if base and (path == base or path.startswith(base + "/")):
-        path = path[len(base) :]
-    path = "/" + path.strip("/")
-    return path
+        A forward pass runs only when none succeeded recently (traffic proves health for free).
+        """
+        if self._unhealthy is None and time.monotonic() - self._last_ok < self.settings.health_probe_idle_s:
+            return
+        await asyncio.to_thread(self._probe, [self._probe_image])
+
+    def _prediction(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+        if not np.isfinite(probs).all():
+            self._unhealthy = "outputs are not finite"
+            raise HttpError(500, "the model produced a non-finite output; this replica is being checked")
+        k = min(top_k, probs.shape[0])
+        order = np.argsort(-probs, kind="stable")[:k]
+        labels = self.predictor.labels
+        top = [{"label": labels[i], "probability": float(probs[i])} for i in order]
+        return {
+            "label": top[0]["label"],
+            "probability": top[0]["probability"],
+            "top_k": top,
+            "model": self.model_info,
+        }
+
+    # -- for tests and tools (through a DeploymentHandle, not HTTP) --------------------------------
+    def pixel_values(self, data: bytes) -> np.ndarray:
+        """The model input this replica computes for one uploaded file."""
+        image = decode_image(data, self.settings.max_pixels, target_size=self.side)
+        x = preprocess_arrays(self.predictor.pre, [image], self.predictor.device)
+        return x.cpu().numpy()
+
+    def replica_info(self) -> dict[str, Any]:
+        infer: Any = self.infer
+        return {
+            "pid": os.getpid(),
+            "batch": [infer._get_max_batch_size(), infer._get_batch_wait_timeout_s()],
+            "model": self.model_info,
+            "settings": self.settings.model_dump(),
+            "torch_threads": self.forward_threads,
+            "decode_threads": self.decoder.threads,
+            "device": str(self.predictor.device),
+        }

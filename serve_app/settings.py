@@ -16,11 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rayvit.errors import UserError
-from rayvit.imageio import DEFAULT_MAX_PIXELS
+from rayvit.imageio import DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "serve.yaml"
-DEFAULT_MODEL_DIR = "models/best"
+#: What the README's main job exports.
+DEFAULT_MODEL_DIR = "runs/quick/best"
+TRAIN_COMMAND = (
+    "python ray_jobs/train.py --config configs/quick.yaml data.path=PATH/TO/cifar10 output_dir=runs/quick"
+)
 DEPLOYMENT_NAME = "ViTClassifier"
 IMPORT_PATH = "serve_app:app"
 
@@ -30,6 +34,7 @@ DEPLOYMENT_OPTION_KEYS = (
     "autoscaling_config",
     "max_ongoing_requests",
     "max_queued_requests",
+    "backpressure_config",
     "ray_actor_options",
     "user_config",
     "graceful_shutdown_wait_loop_s",
@@ -55,9 +60,31 @@ class ReplicaSettings(BaseModel):
     """Larger request bodies get 413."""
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     """Larger images (width x height, read from the header before decoding) get 413."""
+    max_request_pixels: int = Field(2 * DEFAULT_MAX_PIXELS, ge=1)
+    """Most decoded pixels in one request, all files together (after JPEG DCT scaling); more get 413."""
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, ge=1)
+    """JPEGs with more scans (progressive passes) get 422: a few KiB of scans can cost seconds."""
     max_files: int = Field(64, ge=1)
     """Most images in one multipart request; more get 413."""
     default_top_k: int = Field(3, ge=1, le=10)
+    decode_threads: int = Field(2, ge=1, le=64)
+    """Threads that decode images, per replica; each holds at most one image being decoded."""
+    gil_switch_interval_ms: float = Field(0.5, gt=0.0, le=100.0)
+    """How long a thread that wants the GIL waits before the holder must hand it over (Python's
+    default is 5 ms). Every request hops to a decode thread and back, and torch re-takes the GIL
+    after each op: at 5 ms each hop waits up to that long whenever another thread runs Python."""
+    decode_timeout_s: float = Field(10.0, gt=0.0)
+    """A request's images must be decoded within this; otherwise 422 (or 503 if decoding never started)."""
+    body_timeout_s: float = Field(10.0, gt=0.0)
+    """The whole request body must arrive within this; otherwise 408."""
+    max_pending_requests: int = Field(48, ge=1)
+    """Requests a replica holds at once in /predict; more get 503 with Retry-After."""
+    retry_after_s: int = Field(1, ge=0)
+    """The Retry-After of a 503."""
+    health_probe_idle_s: float = Field(5.0, ge=0.0)
+    """check_health runs a forward pass only when none succeeded for this long."""
+    api_keys_file: str | None = None
+    """A file of API keys, one a line; with it (or RAYVIT_API_KEYS) /predict and /model need a key."""
 
 
 def replica_settings(raw: dict[str, Any] | None) -> ReplicaSettings:

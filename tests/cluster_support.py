@@ -118,6 +118,18 @@ def _as_dict(item: Any) -> dict[str, Any]:
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 
 
+def dashboard_up(api: str, timeout_s: float = 120) -> bool:
+    """Wait until a head's dashboard (and job API) at ``api`` answers."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{api}/api/version", timeout=2)
+            return True
+        except OSError:
+            time.sleep(1)
+    return False
+
+
 def _install_provider_defaults() -> None:
     """Ray's autoscaler fills a ``fake_multinode`` config from the provider's defaults file,
     which Ray's pip wheel does not ship; ours (every key the autoscaler needs) stands in."""
@@ -194,14 +206,7 @@ def start_fake_cluster(
         timeout=180,
     )
     api = f"http://127.0.0.1:{dash_port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{api}/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    if not dashboard_up(api):
         stop_fake_cluster(temp_dir)
         pytest.fail(f"the dashboard at {api} did not come up")
     return FakeCluster(api, f"127.0.0.1:{gcs_port}", temp_dir, env)

@@ -45,9 +45,13 @@ TEST_OPTIONS: dict[str, Any] = {
 
 
 def data_dir() -> Path:
+    """The CIFAR-10 copy; the test (or fixture) that needs it is skipped when it is missing."""
     import os
 
-    return Path(os.environ.get("RAYVIT_TEST_DATA", DATA_DIR)).resolve()
+    path = Path(os.environ.get("RAYVIT_TEST_DATA", DATA_DIR)).resolve()
+    if not (path / "plain_text").is_dir():
+        pytest.skip(f"CIFAR-10 copy not found at {path} (set RAYVIT_TEST_DATA)")
+    return path
 
 
 def train_tiny_model(dest: Path, name: str, version: str, seed: int, steps: int = 60) -> Path:
@@ -184,7 +188,15 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: Any) -> 
 
 
 def offline_tensor(pre: Any, path: Path) -> torch.Tensor:
-    """What offline evaluation computes for an image file: PIL open, to_uint8_array, preprocess_arrays."""
+    """What offline evaluation and training compute for an image file: ``read_image_file`` (reduced while
+    decoding to no less than the model's input size), then ``preprocess_arrays``."""
+    from rayvit.imageio import read_image_file
+
+    return preprocess_arrays(pre, [read_image_file(path, target_size=pre.image_size)])
+
+
+def plain_pil_tensor(pre: Any, path: Path) -> torch.Tensor:
+    """PIL open, ``to_uint8_array``, ``preprocess_arrays``: no reduction while decoding."""
     from rayvit.preprocess import to_uint8_array
 
     with Image.open(path) as im:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 from cluster_support import S3Server, s3_server  # noqa: F401  # a fixture
-from conftest import DATA_DIR
 
 from rayvit.config import DataConfig
 from rayvit.data import load_test, load_train_val, plan_test, plan_train_val, split_indices
@@ -31,10 +30,10 @@ def test_split_is_seeded_stable_and_disjoint() -> None:
     assert set(tr1.tolist()) | set(va1.tolist()) == set(range(50_000))
 
 
-def test_train_limit_keeps_validation_fixed() -> None:
+def test_train_limit_keeps_validation_fixed(cifar10: Path) -> None:
     _, va_all = split_indices(1000, 0.2, seed=0)
-    cfg_a = DataConfig(path=str(DATA_DIR), train_limit=100, val_limit=50, cache_dir=None)
-    cfg_b = DataConfig(path=str(DATA_DIR), train_limit=300, val_limit=50, cache_dir=None)
+    cfg_a = DataConfig(path=str(cifar10), train_limit=100, val_limit=50, cache_dir=None)
+    cfg_b = DataConfig(path=str(cifar10), train_limit=300, val_limit=50, cache_dir=None)
     a = load_train_val(cfg_a, seed=0, image_size=32)
     b = load_train_val(cfg_b, seed=0, image_size=32)
     assert np.array_equal(a.val.images, b.val.images)
@@ -42,9 +41,9 @@ def test_train_limit_keeps_validation_fixed() -> None:
     assert len(va_all) == 200
 
 
-def test_real_data_splits_do_not_overlap(tmp_path: Path) -> None:
+def test_real_data_splits_do_not_overlap(cifar10: Path, tmp_path: Path) -> None:
     cfg = DataConfig(
-        path=str(DATA_DIR), train_limit=400, val_limit=400, test_limit=400, cache_dir=str(tmp_path)
+        path=str(cifar10), train_limit=400, val_limit=400, test_limit=400, cache_dir=str(tmp_path)
     )
     tv = load_train_val(cfg, seed=0, image_size=32)
     test = load_test(cfg, image_size=32)

@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from cluster_support import dashboard_up
+from conftest import ROOT, TINY, require_data
 
 
 def _free_port() -> int:
@@ -25,6 +26,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
+    require_data()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -51,14 +53,7 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
     )
     api = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{api}/api/version", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
+        if not dashboard_up(api):
             pytest.fail(f"the dashboard at {api} did not come up")
         out_dir = tmp_path / "job"
         overrides = [o for o in TINY if not o.startswith("ray.")]

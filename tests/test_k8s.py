@@ -10,6 +10,7 @@ import copy
 import re
 import subprocess
 import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -24,11 +25,6 @@ from ray.serve.schema import ServeDeploySchema
 
 from rayvit import deploy
 from rayvit.config import load_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 K8S = ROOT / "k8s"
 DOCS = ROOT / "docs" / "cluster.md"

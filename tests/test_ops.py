@@ -9,29 +9,36 @@ the Dockerfile is checked statically against ``pyproject.toml``.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import DATA_DIR, ROOT
+from conftest import ROOT, require_data
 
 from rayvit.dvc import data_fingerprint, dir_md5, file_md5, tracked_fingerprint
 from rayvit.prepare import SUMS_FILE, prepare_data, read_sums, sha256, split_file, verify_sums
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-REPO_FILES = ["rayvit", "ray_jobs", "configs", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc"]
+REPO_FILES = [
+    "rayvit",
+    "ray_jobs",
+    "tuning",
+    "configs",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc",
+]
 TRAIN_ROWS, TEST_ROWS = 256, 128
 
 
@@ -68,6 +75,7 @@ def dvc(repo: Path, *args: str, check: bool = True, timeout: int = 300) -> subpr
 
 def make_repo(parent: Path, train_rows: int = TRAIN_ROWS, test_rows: int = TEST_ROWS) -> Path:
     """A git + DVC repository with the project's pipeline files, reading the local CIFAR-10 copy."""
+    data_dir = require_data()
     repo = parent / "repo"
     repo.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "cache", "tmp", "config.local")
@@ -78,7 +86,7 @@ def make_repo(parent: Path, train_rows: int = TRAIN_ROWS, test_rows: int = TEST_
         else:
             shutil.copy2(src, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["prepare"].update(source=str(DATA_DIR), train_limit=train_rows, test_limit=test_rows)
+    params["prepare"].update(source=str(data_dir), train_limit=train_rows, test_limit=test_rows)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -108,9 +116,9 @@ def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------- data preparation
 
 
-def test_prepare_subset_keeps_schema_and_is_deterministic(tmp_path: Path) -> None:
-    a = prepare_data(str(DATA_DIR), tmp_path / "a", train_limit=50, test_limit=20)
-    b = prepare_data(str(DATA_DIR), tmp_path / "b", train_limit=50, test_limit=20)
+def test_prepare_subset_keeps_schema_and_is_deterministic(cifar10: Path, tmp_path: Path) -> None:
+    a = prepare_data(str(cifar10), tmp_path / "a", train_limit=50, test_limit=20)
+    b = prepare_data(str(cifar10), tmp_path / "b", train_limit=50, test_limit=20)
     assert a.how == "subset" and a.rows == {"train": 50, "test": 20}
     assert verify_sums(a.dest) == [] and set(read_sums(a.dest)) == {split_file("train"), split_file("test")}
     assert data_fingerprint(a.dest) == data_fingerprint(b.dest)
@@ -123,10 +131,10 @@ def test_prepare_subset_keeps_schema_and_is_deterministic(tmp_path: Path) -> Non
     assert load_test(DataConfig(path=str(a.dest), cache_dir=None), 32).images.shape == (20, 32, 32, 3)
 
 
-def test_prepare_full_copy_is_byte_identical(tmp_path: Path) -> None:
-    res = prepare_data(str(DATA_DIR), tmp_path / "cifar10")
+def test_prepare_full_copy_is_byte_identical(cifar10: Path, tmp_path: Path) -> None:
+    res = prepare_data(str(cifar10), tmp_path / "cifar10")
     assert res.how == "copied" and res.rows == {"train": 50_000, "test": 10_000}
-    assert (res.dest / SUMS_FILE).read_text() == (DATA_DIR / SUMS_FILE).read_text()
+    assert (res.dest / SUMS_FILE).read_text() == (cifar10 / SUMS_FILE).read_text()
     assert verify_sums(res.dest) == []
     assert sorted(p.name for p in res.dest.iterdir()) == [SUMS_FILE, "plain_text"]
 
@@ -286,6 +294,16 @@ def test_dockerfile_base_image_matches_pyproject() -> None:
     assert tag("gpu") == f"rayproject/ray:{ray_pin}-py311-gpu" and tag("cpu").endswith(f"{ray_pin}-py311-cpu")
     later_args = dict(rest.split("=", 1) for w, rest in ins[first_from:] if w == "ARG" and "=" in rest)
     assert later_args["TORCH_VERSION"] == torch_pin
+
+
+def test_declared_python_versions_agree_with_the_tested_one() -> None:
+    """requires-python, ruff's and mypy's target and the image's Python (checked above) name one
+    version, and the tests run on it: the lowest version the project claims is the tested one."""
+    python = PYPROJECT["tool"]["mypy"]["python_version"]
+    assert PYPROJECT["project"]["requires-python"] == f">={python}"
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == "py" + python.replace(".", "")
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert running == python, f"tests run on Python {running}, the project declares {python}"
 
 
 def test_dockerfile_runs_as_non_root_and_names_existing_files() -> None:
@@ -453,7 +471,12 @@ def test_dvc_repro_whole_pipeline_and_model_roundtrip(tmp_path: Path) -> None:
     assert lock["stages"]["train"]["params"]["configs/quick.yaml"]["train"]["epochs"] == 2
 
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert metrics["num_test"] == 100 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["num_test"] == 100
+    # the reported accuracy is the one the per-image confusion rows give
+    with (repo / "reports" / "confusion.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 100
+    assert metrics["test_accuracy"] == pytest.approx(sum(r["actual"] == r["predicted"] for r in rows) / 100)
     assert metrics["data"]["fingerprint"] == lock_md5(repo, "prepare", "data/cifar10")
     exported = json.loads((repo / "models" / "quick" / "best" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(exported["test_accuracy"])

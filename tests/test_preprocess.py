@@ -107,8 +107,21 @@ def test_exif_rotation_is_applied() -> None:
     assert arr.shape == (10, 4, 3)
 
 
-def test_mixed_sizes_batch() -> None:
+def test_an_image_gives_the_same_values_alone_and_in_any_batch() -> None:
     pre = Preprocessor(32, MEAN, STD)
-    arrays = [np.zeros((10, 20, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)]
-    x = preprocess_arrays(pre, arrays)
-    assert x.shape == (2, 3, 32, 32)
+    rng = np.random.default_rng(0)
+    mixed = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((10, 20, 3), (64, 64, 3), (32, 32, 3))]
+    same = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(5)]
+    for arrays in (mixed, same, [*same, mixed[1]]):
+        batch = preprocess_arrays(pre, arrays)
+        assert batch.shape == (len(arrays), 3, 32, 32)
+        for i, a in enumerate(arrays):
+            alone = preprocess_arrays(pre, [a])[0]
+            torch.testing.assert_close(batch[i], alone, atol=1e-5, rtol=0)
+        # and the images differ, so equal values are not a coincidence of a constant output
+        assert not torch.allclose(batch[0], batch[1])
+    # a 32 px image in a batch is only normalised: its exact values are known
+    ref = (
+        torch.from_numpy(mixed[2]).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)
+    ) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(preprocess_arrays(pre, mixed)[2], ref, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import pytest
 import requests
 import torch
 from PIL import Image
-from serve_support import Models, encode, offline_tensor, wait_until
+from serve_support import Models, encode, offline_tensor, plain_pil_tensor, wait_until
 
 from rayvit.predict import Predictor
 
@@ -134,6 +135,11 @@ def test_server_tensor_equals_offline_tensor_for_the_same_file(
         expected = offline_tensor(pre, path).numpy()
         assert served.shape == expected.shape == (1, 3, 32, 32), name
         assert np.array_equal(served, expected), name
+        plain = plain_pil_tensor(pre, path).numpy()
+        if min(image.size) < 2 * 32:  # not reduced while decoding: the same as decoding at full size
+            assert np.array_equal(served, plain), name
+        else:  # reduced (320x200 -> 54x34 by a 6x6 box) before the model's antialiased resize
+            assert np.abs(served - plain).mean() < 0.1, name  # normalized units: ~6 of 255
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -363,3 +369,27 @@ def test_metrics_reach_the_prometheus_endpoint(
         return all(n in text for n in names) and 'status="415"' in text
 
     assert wait_until(exported, 60, 2.0), f"metrics {names} not exported on port {port}"
+
+
+def test_openapi_and_docs_describe_predict(classifier: str) -> None:
+    spec = requests.get(f"{classifier}/openapi.json", timeout=TIMEOUT).json()
+    assert {"/predict", "/model", "/healthz"} <= set(spec["paths"])
+    predict = spec["paths"]["/predict"]["post"]
+    content = predict["requestBody"]["content"]
+    assert {"image/png", "image/jpeg", "application/octet-stream", "multipart/form-data"} <= set(content)
+    assert content["multipart/form-data"]["schema"]["properties"]["file"]["type"] == "array"
+    (top_k,) = (p for p in predict["parameters"] if p["name"] == "top_k")
+    assert top_k["in"] == "query" and top_k["schema"]["anyOf"][0]["maximum"] == 10
+    responses = predict["responses"]
+    assert {"200", "400", "401", "408", "413", "415", "422", "500", "503"} <= set(responses)
+    schemas = spec["components"]["schemas"]
+    assert schemas["ErrorBody"]["required"] == ["error"]
+    for code in ("400", "401", "408", "413", "415", "422", "503"):
+        ref = responses[code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorBody"), code
+    assert "Retry-After" in responses["503"]["headers"]
+    ok = json.dumps(responses["200"])
+    assert "PredictionBody" in ok and "PredictionsBody" in ok
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    docs = requests.get(f"{classifier}/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

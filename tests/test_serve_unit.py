@@ -13,10 +13,25 @@ from PIL import Image
 from serve_support import ROOT, encode
 
 from rayvit.errors import UserError
-from rayvit.imageio import ImageTooLargeError, UndecodableImageError, decode_image, read_image_file
+from rayvit.imageio import (
+    ImageTooCostlyError,
+    ImageTooLargeError,
+    UndecodableImageError,
+    decode_image,
+    decoded_size,
+    read_image_file,
+)
 from rayvit.preprocess import to_uint8_array
 from serve_app import BuildError, app, build_app
-from serve_app.http import HttpError, parse_header_value, parse_multipart, parse_top_k
+from serve_app.http import (
+    ApiKeys,
+    HttpError,
+    bearer_token,
+    parse_header_value,
+    parse_top_k,
+    read_files,
+    require_key,
+)
 from serve_app.settings import deployment_options, merge, replica_settings
 
 RNG = np.random.default_rng(0)
@@ -99,17 +114,12 @@ def test_read_image_file_matches_the_offline_path(tmp_path: Path) -> None:
         assert np.array_equal(read_image_file(f), to_uint8_array(im))
 
 
-def test_header_and_top_k_parsing() -> None:
+def test_header_parsing() -> None:
     assert parse_header_value('multipart/form-data; boundary="a b;c"') == (
         "multipart/form-data",
         {"boundary": "a b;c"},
     )
     assert parse_header_value("Image/PNG") == ("image/png", {})
-    assert parse_top_k(None, 3) == 3 and parse_top_k("10", 3) == 10
-    for bad in ("0", "11", "-1", "x", "1.5", "", "+2", "1e1"):
-        with pytest.raises(HttpError) as err:
-            parse_top_k(bad, 3)
-        assert err.value.status == 422
 
 
 def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "XyZ") -> bytes:
@@ -126,18 +136,93 @@ def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "XyZ") -> by
     return out + f"--{boundary}--\r\n".encode()
 
 
-def test_multipart_parser() -> None:
+def _read_files(body: bytes, ctype: str, max_files: int = 4) -> list[tuple[str | None, bytes]]:
+    import asyncio
+
+    return asyncio.run(read_files(body, ctype, max_files))
+
+
+def test_multipart_files_with_limits() -> None:
+    ctype = "multipart/form-data; boundary=XyZ"
     body = _multipart([("file", "image/png", b"\x89PNG\r\n--Xy"), ("note", "text/plain", b"hi")])
-    parts = parse_multipart(body, "XyZ")
-    assert [(p.name, p.content_type, p.data) for p in parts] == [
-        ("file", "image/png", b"\x89PNG\r\n--Xy"),
-        ("note", "text/plain", b"hi"),
-    ]
-    assert parts[0].filename == "file.png"
-    for bad, boundary in [(body, None), (body[:-20], "XyZ"), (b"garbage", "XyZ"), (body, "other")]:
+    assert _read_files(body, ctype) == [("file.png", b"\x89PNG\r\n--Xy")]
+    five = _multipart([("file", "image/png", b"x")] * 5)
+    with pytest.raises(HttpError) as err:
+        _read_files(five, ctype)
+    assert err.value.status == 413
+    for bad, bad_ctype, status in [
+        (body, "multipart/form-data", 400),
+        (_multipart([("other", "image/png", b"x")]), ctype, 400),
+        (_multipart([("file", "text/plain", b"x")]), ctype, 415),
+    ]:
         with pytest.raises(HttpError) as err:
-            parse_multipart(bad, boundary)
-        assert err.value.status == 400
+            _read_files(bad, bad_ctype)
+        assert err.value.status == status, bad_ctype
+
+
+def test_api_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYVIT_API_KEYS", raising=False)
+    assert not ApiKeys.load(None).enabled
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nfile-key\n\n")
+    monkeypatch.setenv("RAYVIT_API_KEYS", "env-a, env-b")
+    loaded = ApiKeys.load(str(keys))
+    assert loaded.enabled and all(loaded.check(k) for k in ("env-a", "env-b", "file-key"))
+    assert not loaded.check("# comment") and not loaded.check("") and not loaded.check(None)
+    with pytest.raises(UserError, match=r"api_keys_file .*nope cannot be read"):
+        ApiKeys.load(str(tmp_path / "nope"))
+
+
+def test_top_k_and_bearer_key_are_parsed_strictly() -> None:
+    assert parse_top_k(None) is None
+    assert [parse_top_k(v) for v in ("1", "10", " 3 ", "007")] == [1, 10, 3, 7]
+    for bad in ("0", "11", "abc", "2.5", "", "-1", "+3", "1_0", "\u0663", "1e1"):
+        with pytest.raises(HttpError) as err:
+            parse_top_k(bad)
+        assert err.value.status == 422 and "top_k must be an integer from 1 to 10" in err.value.reason, bad
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
+    assert (
+        bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    )
+    require_key(ApiKeys([]), None)  # keys off: nothing needed
+    keys = ApiKeys(["k1"])
+    require_key(keys, "k1")
+    for wrong in (None, "k2", ""):
+        with pytest.raises(HttpError) as err:
+            require_key(keys, wrong)
+        assert err.value.status == 401 and err.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_large_images_are_reduced_while_decoding_never_below_the_target() -> None:
+    jpeg = encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
+    assert decoded_size(jpeg, target_size=224) == (500, 375)  # DCT scaling 1/8, still >= 224
+    png16 = encode(Image.fromarray(np.full((3000, 2000), 40000, np.uint16)), "PNG")
+    arr = decode_image(png16, target_size=224)
+    assert arr.shape == (375, 250, 3) and min(arr.shape[:2]) >= 224
+    assert decode_image(png16).shape == (3000, 2000, 3)
+    assert abs(int(arr.mean()) - int(decode_image(png16).mean())) <= 1
+    small = encode(RGB, "PNG")  # up to twice the target: decoded exactly as without one
+    assert np.array_equal(decode_image(small, target_size=16), decode_image(small))
+
+
+def jpeg_scan_bomb(side: int = 2000, repeats: int = 1500) -> bytes:
+    """A valid progressive JPEG followed by ``repeats`` copies of its smallest scan."""
+    data = encode(Image.new("RGB", (side, side), (120, 30, 200)), "JPEG", progressive=True, quality=50)
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
+    return data[:-2] + min(scans, key=len) * repeats + b"\xff\xd9"
+
+
+def test_jpeg_scan_bomb_is_refused_before_decoding() -> None:
+    import time
+
+    bomb = jpeg_scan_bomb()
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooCostlyError, match="scans, over the limit of 64"):
+        decode_image(bomb)
+    assert time.perf_counter() - t0 < 0.5
+    ok = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG", progressive=True)
+    assert decode_image(ok).shape == (64, 64, 3)
 
 
 def test_settings_come_from_the_serve_config() -> None:
@@ -169,6 +254,26 @@ def test_missing_or_broken_model_folder_fails_at_build_time(tmp_path: Path) -> N
         app({"modeldir": str(bad)})
 
 
+def test_model_with_non_finite_weights_fails_at_build_time(tmp_path: Path) -> None:
+    import torch
+
+    from rayvit.checkpoint import save_model_folder
+    from rayvit.config import load_config
+    from rayvit.model import build_model, build_preprocessor
+
+    cfg = load_config(
+        ROOT / "configs" / "quick.yaml", ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=1"]
+    )
+    model = build_model(cfg.model, ["a", "b"])
+    with torch.no_grad():
+        next(iter(model.parameters())).fill_(float("nan"))
+    save_model_folder(model, build_preprocessor(cfg.model), tmp_path / "nan")
+    with pytest.raises(
+        BuildError, match=r"weights are not finite \(\d+ NaN/inf values in .*\); the run diverged"
+    ):
+        build_app(tmp_path / "nan")
+
+
 def test_serve_run_cli_prints_one_line_for_a_missing_model(tmp_path: Path) -> None:
     missing = tmp_path / "no-model"
     proc = subprocess.run(
@@ -181,3 +286,17 @@ def test_serve_run_cli_prints_one_line_for_a_missing_model(tmp_path: Path) -> No
     assert proc.returncode != 0
     assert f"Error: model folder not found: {missing}" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_launcher_keeps_loopback_unless_told_and_then_needs_keys() -> None:
+    from serve_app.__main__ import prepare
+    from serve_app.settings import DEFAULT_CONFIG
+
+    data, host = prepare(DEFAULT_CONFIG, {})
+    assert host == "127.0.0.1" and data["http_options"]["host"] == "127.0.0.1"  # type: ignore[index]
+    with pytest.raises(SystemExit, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
+        prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "0.0.0.0"})
+    _, host = prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "0.0.0.0", "RAYVIT_API_KEYS": "k"})
+    assert host == "0.0.0.0"
+    _, host = prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "::1"})
+    assert host == "::1"

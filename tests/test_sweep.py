@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY, run_train_cli, tiny_config
+from conftest import TINY, require_data, run_train_cli, tiny_config
 
 import tuning.sweep as sweep
 from rayvit.errors import UserError
@@ -160,6 +160,7 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
 def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> None:
     """Through the CLI, on a cluster of its own: a stopped trial's resources are released by Ray
     Train's placement-group cleaner, which needs the dashboard the job's local cluster has."""
+    require_data()
     out = tmp_path / "run"
     args = [
         *TINY,
