@@ -32,9 +32,11 @@ import ray
 import ray.train
 import torch
 
-from rayvit.config import Config, load_config
+from rayvit.cluster import init_ray
+from rayvit.config import Config, RayConfig, load_config
 from rayvit.data import plan_train_val, quiet_ray_data
 from rayvit.job import Ingest, datasets
+from rayvit.logs import quiet_libraries
 from rayvit.model import build_model, build_preprocessor
 from rayvit.train_loop import TRAIN, _all_reduce, param_groups, train_batches, train_step, worker_threads
 
@@ -110,7 +112,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="rayvit-bench-"))
     base = [f"data.path={args.data}", "wandb.mode=disabled", f"output_dir={out}", "ray.num_cpus=2"]
     quick = ROOT / "configs" / "quick.yaml"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    init_ray(RayConfig(num_cpus=2))
+    quiet_libraries()
     quiet_ray_data()
     rate, n = (0.0, 0) if args.skip_decode else decode_throughput(load_config(quick, base))
     cfg = load_config(quick, [*base, f"data.train_limit={args.images}", "data.val_limit=1", *args.overrides])

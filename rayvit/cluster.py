@@ -20,13 +20,18 @@ import ray
 
 from rayvit.config import Config, RayConfig
 from rayvit.errors import UserError
+from rayvit.logs import WORKER_SETUP_HOOK
 
 
 def init_ray(rc: RayConfig) -> None:
     """Connect to the configured or ambient cluster, else start a local one."""
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    # Every worker process of the job filters Ray's console chatter as the driver does.
+    kwargs: dict[str, Any] = {
+        "log_to_driver": True,
+        "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK},
+    }
     if rc.address:
         kwargs["address"] = rc.address
     elif not os.environ.get("RAY_ADDRESS"):

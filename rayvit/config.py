@@ -71,7 +71,9 @@ class DataConfig(_Section):
     """Images per block that a decode task yields (at most 16 MiB of them): bounds a task's
     memory; larger blocks cost less per epoch, smaller ones shuffle finer."""
     shuffle_buffer: int = Field(2048, ge=0)
-    """Rows of the windowed per-epoch shuffle on each worker (0 = block order only)."""
+    """Rows of the windowed per-epoch shuffle on each worker, rounded down to a multiple of
+    ``train.batch_size`` (0 = block order only); also how many rows a worker takes from Ray
+    Data at a time."""
     prefetch_batches: int = Field(4, ge=0)
     """Batches each worker prepares ahead of the one it trains on."""
 

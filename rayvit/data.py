@@ -462,15 +462,13 @@ def epoch_seed(seed: int) -> Any:
 
 
 def quiet_ray_data() -> None:
-    """No progress bars or per-execution banners from Ray Data in the job's output."""
-    import logging
-
+    """No progress bars or per-execution banners from Ray Data in the job's output (its log
+    lines are filtered by ``rayvit.logs``)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def decode_here(source: Source, split: str, rows: np.ndarray, side: int, block_rows: int = 256) -> ImageSplit:

@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 # Notices that Ray logs at WARNING level although nothing is wrong.
-_RAY_NOTICES = ("Token authentication is enabled for this Ray cluster",)
+_RAY_NOTICES = (
+    "Token authentication is enabled for this Ray cluster",
+    "Progress bars disabled",  # Ray Data, in every process that runs a dataset
+    "Progress bars for operators disabled",
+)
+#: Ray's ``worker_process_setup_hook`` for the job's cluster (``rayvit.cluster.init_ray``).
+WORKER_SETUP_HOOK = "rayvit.logs.quiet_ray_worker"
 
 
 class _RayConsoleFilter(logging.Filter):
@@ -63,6 +69,24 @@ def _quiet_ray() -> None:
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if name.startswith(ray_dir) and isinstance(logger, logging.Logger):
             logger.setLevel(logging.WARNING)
+    quiet_ray_worker()
+
+
+def quiet_ray_worker() -> None:
+    """Ray runs this in every worker process of the job (``WORKER_SETUP_HOOK``), so that the
+    processes no project code runs in (Ray Data's split coordinators, Ray Train's dataset
+    manager) print no more than the driver: Ray Data's INFO lines ("Dataset ... execution
+    finished", one per epoch and split) and notices go to its log file only, and Ray's own
+    deprecation warning about options that Ray Train itself sets is dropped."""
+    import warnings
+
+    import ray.data  # noqa: F401  # configures its loggers on import: filter them after
+
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and _RAY_FILTER not in handler.filters:
+            handler.addFilter(_RAY_FILTER)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
 
 
 def say(line: str) -> None:

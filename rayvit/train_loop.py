@@ -122,18 +122,28 @@ class Shard:
 
 def train_batches(shard: Any, cfg: Config, epoch: int, rank: int, device: torch.device) -> Iterator[Any]:
     """One epoch of this rank's training shard as dicts of tensors (``image`` uint8 NHWC,
-    ``label``, ``index``), ``data.prefetch_batches`` ahead, shuffled in a window of
-    ``data.shuffle_buffer`` rows seeded by (seed, epoch, rank)."""
-    buffer = cfg.data.shuffle_buffer or None
-    return iter(
-        shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**31 if buffer else None,
-            device=device,
-        )
-    )
+    ``label``, ``index``), in batches of ``train.batch_size``.
+
+    Ray Data hands over windows of ``data.shuffle_buffer`` rows (a multiple of the batch size),
+    prefetched ``data.prefetch_batches`` training batches ahead; each window's rows are put in
+    an order seeded by (seed, epoch, rank) and cut into batches by one gather per batch. That is
+    the windowed shuffle Ray Data's ``local_shuffle_buffer_size`` gives, at a fraction of its
+    per-batch cost in the prefetch thread, which competes with the step on a small host.
+    """
+    bs = cfg.train.batch_size
+    window = max(1, cfg.data.shuffle_buffer // bs) * bs
+    ahead = -(-cfg.data.prefetch_batches * bs // window)
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**63)
+    for rows in shard.iter_torch_batches(batch_size=window, prefetch_batches=ahead, device=device):
+        n = len(rows["label"])
+        if not cfg.data.shuffle_buffer:
+            for start in range(0, n, bs):
+                yield {k: v[start : start + bs] for k, v in rows.items()}
+            continue
+        order = torch.randperm(n, generator=gen).to(device)
+        for start in range(0, n, bs):
+            pick = order[start : start + bs]
+            yield {k: v.index_select(0, pick) for k, v in rows.items()}
 
 
 def val_batches(shard: Any, cfg: Config, device: torch.device) -> Iterator[Any]:
