@@ -25,7 +25,7 @@ CHATTER = [
 
 # The project's own lines.
 PROJECT = [
-    r"data: \d+ train / \d+ val images, 10 classes from .*",
+    r"data: \d+ train / \d+ val images( at \d+px)?, 10 classes from .*",
     r"sweep over lr .*",
     r"(\(RayTrainWorker pid=\d+\) )?epoch [\d.]+/\d+  train_loss .*",
     r"trial +lr +epochs +best val acc +early stop +status",
