@@ -161,4 +161,5 @@ def test_streamed_epoch_on_data_far_larger_than_memory(tmp_path: Path) -> None:
     assert "streamed, decoded every epoch" in log
     metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
     assert metrics["data"]["num_train"] == 270 and metrics["data"]["num_test"] == 12
-    assert 0 < peak < 1500, f"driver peak RSS {peak:.0f} MB"
+    # The driver's own imports (torch, Ray, transformers) take about 600 MB; nothing decoded adds to it.
+    assert 0 < peak < 1000, f"driver peak RSS {peak:.0f} MB"
