@@ -358,8 +358,7 @@ def decode_unit(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Read one unit's rows and yield blocks of ``image`` (uint8, side x side), ``label`` and
     ``index``; every image is decoded by the server's decoder and resized at once."""
-    from rayvit.imageio import ImageError, decode_image
-    from rayvit.preprocess import resize_uint8
+    from rayvit.imageio import ImageError, decode_to_side
 
     unit = json.loads(unit_json)
     fs = source.storage.filesystem()
@@ -368,7 +367,7 @@ def decode_unit(
         for i, (raw, where) in enumerate(raws):
             try:
                 data = raw if raw is not None else _read(fs, source, where)
-                images[i] = resize_uint8(decode_image(data), side)
+                images[i] = decode_to_side(data, side)
             except (ImageError, OSError) as exc:
                 raise UserError(f"data.path: image {where} cannot be decoded: {exc}") from None
         yield {"image": images, "label": labels, "index": index}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from rayvit.preprocess import to_uint8_array
+from rayvit.preprocess import resize_uint8, to_uint8_array
 
 #: Container formats accepted from clients (PIL format names).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -113,6 +113,24 @@ def decode_image(
             # PIL raises many types for corrupt data (OSError, ValueError,
             # SyntaxError, struct.error, IndexError, ...): all mean "bad image".
             raise UndecodableImageError(f"image data is truncated or corrupt ({_reason(exc)})") from None
+
+
+def decode_to_side(
+    data: bytes,
+    side: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+) -> np.ndarray:
+    """Bytes of one image file -> ``(side, side, 3)`` uint8: the one way a file becomes pixels.
+
+    The server (for each upload) and the data pipeline's decode tasks (for each training,
+    validation and test image) both call it, so a training image and the same file uploaded
+    give the same pixels: decoded by ``decode_image`` (reduced while decoding, never below
+    ``side``), then brought to ``side`` by the ``Preprocessor``'s own antialiased resize.
+    """
+    image = decode_image(data, max_pixels, target_size=side, max_jpeg_scans=max_jpeg_scans)
+    return resize_uint8(image, side)
 
 
 def decoded_size(

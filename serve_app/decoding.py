@@ -22,7 +22,7 @@ from rayvit.imageio import (
     ImageError,
     ImageTooCostlyError,
     ImageTooLargeError,
-    decode_image,
+    decode_to_side,
     decoded_size,
 )
 from serve_app.http import HttpError
@@ -103,11 +103,8 @@ def decode_request(blobs: list[bytes], limits: DecodeLimits, deadline: float) ->
             raise HttpError(422, "images took too long to decode: refused as too costly")
         with _as_http_error(i, len(blobs)):
             images.append(
-                decode_image(
-                    blob,
-                    limits.max_pixels,
-                    target_size=limits.target_size,
-                    max_jpeg_scans=limits.max_jpeg_scans,
+                decode_to_side(
+                    blob, limits.target_size, limits.max_pixels, max_jpeg_scans=limits.max_jpeg_scans
                 )
             )
     return images

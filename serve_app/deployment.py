@@ -28,7 +28,7 @@ from starlette.types import ASGIApp
 
 from rayvit.checkpoint import model_identity
 from rayvit.errors import UserError
-from rayvit.imageio import decode_image, limit_pil_pixels
+from rayvit.imageio import decode_to_side, limit_pil_pixels
 from rayvit.predict import Predictor
 from rayvit.preprocess import preprocess_arrays
 from serve_app.decoding import DecodeLimits, DecodePool
@@ -270,7 +270,7 @@ class ViTClassifier:
     # -- for tests and tools (through a DeploymentHandle, not HTTP) --------------------------------
     def pixel_values(self, data: bytes) -> np.ndarray:
         """The model input this replica computes for one uploaded file."""
-        image = decode_image(data, self.settings.max_pixels, target_size=self.side)
+        image = decode_to_side(data, self.side, self.settings.max_pixels)
         x = preprocess_arrays(self.predictor.pre, [image], self.predictor.device)
         return x.cpu().numpy()
 

@@ -188,11 +188,21 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: Any) -> 
 
 
 def offline_tensor(pre: Any, path: Path) -> torch.Tensor:
-    """What offline evaluation and training compute for an image file: ``read_image_file`` (reduced while
-    decoding to no less than the model's input size), then ``preprocess_arrays``."""
-    from rayvit.imageio import read_image_file
+    """What training and offline evaluation compute for an image file: the data pipeline's decode
+    (the function its Ray Data tasks run, here in this process) of an imagefolder holding only
+    that file, then the ``Preprocessor``."""
+    import shutil
 
-    return preprocess_arrays(pre, [read_image_file(path, target_size=pre.image_size)])
+    from rayvit.config import DataConfig
+    from rayvit.data import decode_here, open_source
+
+    folder = path.parent / f"{path.name}-imagefolder"
+    (folder / "train" / "c").mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, folder / "train" / "c" / path.name)
+    source = open_source(DataConfig(path=str(folder), cache_dir=None))
+    images = decode_here(source, "train", np.arange(1), pre.image_size).images
+    pixels: torch.Tensor = pre(torch.from_numpy(images))
+    return pixels
 
 
 def plain_pil_tensor(pre: Any, path: Path) -> torch.Tensor:

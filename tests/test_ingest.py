@@ -163,3 +163,39 @@ def test_streamed_epoch_on_data_far_larger_than_memory(tmp_path: Path) -> None:
     assert metrics["data"]["num_train"] == 270 and metrics["data"]["num_test"] == 12
     # The driver's own imports (torch, Ray, transformers) take about 600 MB; nothing decoded adds to it.
     assert 0 < peak < 1000, f"driver peak RSS {peak:.0f} MB"
+
+
+def test_ray_data_tasks_decode_the_pixels_the_server_decodes(ray_cluster: None, tmp_path: Path) -> None:
+    """Awkward files (alpha, EXIF rotation, CMYK, 16-bit, palette with transparency, a JPEG large
+    enough to be reduced while decoding) through the Ray Data decode tasks give exactly the
+    pixels that the server computes for the same bytes (``decode_to_side``)."""
+    from PIL import Image
+
+    from rayvit.config import DataConfig
+    from rayvit.data import open_source, read_dataset
+    from rayvit.imageio import decode_to_side
+
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files: dict[str, tuple[Image.Image, dict[str, Any]]] = {
+        "a_rgba.png": (base.convert("RGBA"), {}),
+        "b_rotated.jpg": (base, {"exif": exif.tobytes()}),
+        "c_cmyk.jpg": (base.convert("CMYK"), {}),
+        "d_gray16.png": (Image.fromarray(rng.integers(0, 65535, (30, 20), dtype=np.uint16)), {}),
+        "e_palette.png": (base.convert("P"), {"transparency": 0}),
+        "f_large.jpg": (base.resize((900, 700)), {"quality": 90}),
+    }
+    folder = tmp_path / "mixed" / "train" / "c"
+    folder.mkdir(parents=True)
+    for name, (image, kwargs) in files.items():
+        image.save(folder / name, **kwargs)
+    cfg = DataConfig(path=str(tmp_path / "mixed"), cache_dir=None)
+    source = open_source(cfg)
+    rows = read_dataset(source, "train", np.arange(len(files)), cfg, 32).take_all()
+    decoded = {int(r["index"]): r["image"] for r in rows}
+    for i, name in enumerate(sorted(files)):
+        served = decode_to_side((folder / name).read_bytes(), 32)
+        assert decoded[i].shape == served.shape == (32, 32, 3), name
+        assert np.array_equal(decoded[i], served), name
