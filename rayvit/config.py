@@ -43,7 +43,8 @@ RGBPositive = Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]
 
 class DataConfig(_Section):
     path: str = Field("uoft-cs/cifar10", min_length=1)
-    """Hub data set id, a local folder in hub layout, or an imagefolder."""
+    """A folder (local path or storage URI: ``s3://``, ``gs://``) of hub-layout parquet files or
+    an imagefolder (``train/<class>/<image>``), or a hub data set id."""
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Share of the ``train`` split held out for validation (seeded, the same in every run)."""
     train_limit: PositiveInt | None = None
@@ -61,7 +62,8 @@ class DataConfig(_Section):
     image_size: int | None = Field(None, ge=8)
     """Side (px) the decode tasks bring every image to; null = ``model.image_size``. A smaller
     side (CIFAR-10's 32 under a 224-px model) keeps less in memory; the batched ``Preprocessor``
-    resizes on the worker's device."""
+    resizes on the worker's device. Only at the model's side are training pixels exactly the
+    server's for the same file (otherwise they are resized twice)."""
     max_in_memory_bytes: int = Field(4 * 1024**3, ge=0)
     """Decoded train+val data up to this size is decoded once and kept in the object store for
     every epoch; above it, it is streamed (decoded again each epoch) in bounded memory."""
