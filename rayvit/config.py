@@ -77,7 +77,8 @@ class DataConfig(_Section):
     ``train.batch_size`` (0 = block order only); also how many rows a worker takes from Ray
     Data at a time."""
     prefetch_batches: int = Field(4, ge=0)
-    """Batches each worker prepares ahead of the one it trains on."""
+    """Training batches each worker has ready ahead of the one it trains on, fetched in whole
+    windows of ``data.shuffle_buffer`` rows (so at least one window when above 0)."""
 
 
 class ModelConfig(_Section):
