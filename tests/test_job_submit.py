@@ -57,14 +57,20 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
             pytest.fail(f"the dashboard at {api} did not come up")
         out_dir = tmp_path / "job"
         overrides = [o for o in TINY if not o.startswith("ray.")]
-        submit = subprocess.run(
-            [
-                str(bin_dir / "ray"), "job", "submit", "--address", api, "--working-dir", str(ROOT), "--no-wait",
-                "--", "python", "ray_jobs/train.py", "--config", "configs/quick.yaml",
-                *overrides, "tune.lrs=[1e-3,3e-3]", "scaling.num_workers=1", f"output_dir={out_dir}",
-            ],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        # The dashboard answers before its job agent has registered ("No available agent to
+        # submit job, please try again later"): retry that answer, and only that, for a minute.
+        for _ in range(30):
+            submit = subprocess.run(
+                [
+                    str(bin_dir / "ray"), "job", "submit", "--address", api, "--working-dir", str(ROOT),
+                    "--no-wait", "--", "python", "ray_jobs/train.py", "--config", "configs/quick.yaml",
+                    *overrides, "tune.lrs=[1e-3,3e-3]", "scaling.num_workers=1", f"output_dir={out_dir}",
+                ],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stderr
         job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr)
         assert job_id, submit.stdout
