@@ -99,6 +99,8 @@ class Source:
     label_column: str = "label"
     path: str = ""
     """``data.path`` as given."""
+    cache_dir: str | None = None
+    """A hub id's ``data.cache_dir``: where a node without the files downloads them."""
 
     def split(self, name: str) -> SplitFiles:
         if name not in self.splits:
@@ -315,7 +317,9 @@ def _hub_source(cfg: DataConfig) -> Source:
             start += n
         splits[split] = SplitFiles(files, tuple(units), token=str(part._fingerprint))
     folder = str(Path(splits["train"].files[0]).parent) if splits["train"].files else "."
-    return Source("arrow", Storage.from_setting(folder), splits, names, image_col, label_col, cfg.path)
+    return Source(
+        "arrow", Storage.from_setting(folder), splits, names, image_col, label_col, cfg.path, cfg.cache_dir
+    )
 
 
 # -- the split and the units of work -----------------------------------------------------------
@@ -408,9 +412,26 @@ def _read_table(unit: dict[str, Any], source: Source, fs: Any) -> Any:
     if source.kind == "parquet":
         with fs.open_input_file(unit["path"]) as f:
             return pq.ParquetFile(f).read_row_group(unit["group"], columns=cols)
+    _download_here(unit["path"], source)
     with pa.memory_map(unit["path"]) as mm:
         table = pa.ipc.open_stream(mm).read_all().select(cols)
     return table.slice(unit["group"], (max(unit["keep"]) + 1) if unit["keep"] else 0)
+
+
+def _download_here(path: str, source: Source) -> None:
+    """A hub data set's files live in the ``datasets`` cache of the node that planned the job;
+    a decode task on another node (a cluster's GPU nodes, when the head has no CPUs for Ray)
+    downloads and prepares the same data set into its own node's cache first (once a node:
+    ``datasets`` caches and locks), which gives the same files at the same paths."""
+    if Path(path).is_file():
+        return
+    load_dataset_dict(source.path, source.cache_dir)
+    if not Path(path).is_file():
+        raise UserError(
+            f"data.path: '{source.path}' prepared on this node lacks {Path(path).name}, which the job "
+            "planned with: another revision of the data set or of `datasets`? Give the data as a "
+            "folder or storage URI instead"
+        )
 
 
 def _decode_batch(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,8 @@ def test_hub_id_reads_the_downloaded_cache_files(tmp_path: Path, monkeypatch: py
     ref = load_train_val(folder, 0, 16)
     assert np.array_equal(train.arrays(hub).images, ref.train.images)
     assert np.array_equal(val.arrays(hub).labels, ref.val.labels)
+    # A node that did not plan the job has no cache: its decode task downloads the data set
+    # into the same paths first, and reads the same images.
+    shutil.rmtree(tmp_path / "cache")
+    assert np.array_equal(train.arrays(hub).images, ref.train.images)
+    assert (tmp_path / "cache").is_dir()
