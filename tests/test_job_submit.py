@@ -44,6 +44,10 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
             f"--port={_free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Not the agent's default port: a cluster of this test session may hold it, and an agent
+            # without its HTTP server takes no jobs ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             "--include-dashboard=true",
         ],
         env=env,
