@@ -2,8 +2,9 @@
 
 Both steps read the checkpoint from the run's storage, so they work wherever they
 run: the test evaluation is a Ray task placed like a training worker that reads the
-test split through the same Ray Data reader as training, and the export is built in a local temporary folder and uploaded with ``metrics.json``
-last (a ``best/`` without it is incomplete).
+test split through the same Ray Data reader as training, and the export is built in a
+local temporary folder and uploaded with ``metrics.json`` last (a ``best/`` without it
+is incomplete).
 """
 
 from __future__ import annotations
@@ -99,19 +100,14 @@ def _evaluate_task(checkpoint: ray.train.Checkpoint, cfg: Config, data: Any, fin
     import torch
 
     from rayvit.predict import Predictor, evaluate_batches, pick_device, use_bf16
-    from rayvit.train_loop import worker_threads
+    from rayvit.train_loop import val_batches, worker_threads
 
     quiet_libraries()
     torch.set_num_threads(worker_threads(cfg))
     device = pick_device()
     with checkpoint.as_directory() as d:
         predictor = Predictor(Path(d) / MODEL_DIR, device)
-    batches = (
-        (b["image"], b["label"])
-        for b in data.iter_torch_batches(
-            batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches
-        )
-    )
+    batches = ((b["image"], b["label"]) for b in val_batches(data, cfg, device))
     res = evaluate_batches(
         predictor.model, predictor.pre, batches, device, use_bf16(cfg.train.precision, device)
     )

@@ -147,7 +147,8 @@ def train_batches(shard: Any, cfg: Config, epoch: int, rank: int, device: torch.
 
 
 def val_batches(shard: Any, cfg: Config, device: torch.device) -> Iterator[Any]:
-    """This rank's part of the validation split, in order, ``train.eval_batch_size`` at a time."""
+    """An evaluation split (this rank's validation shard, or the test dataset), in order,
+    ``train.eval_batch_size`` at a time."""
     return iter(
         shard.iter_torch_batches(
             batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches, device=device
