@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,8 @@ from typing import Any
 
 import pytest
 import yaml
+from support import cmdline_has, kill_processes
+from support import free_port as free_port
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 S3_ENV = {
@@ -34,12 +34,6 @@ S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -215,15 +209,5 @@ def start_fake_cluster(
 def stop_fake_cluster(temp_dir: Path) -> None:
     """SIGKILL every process that belongs to this cluster (its temp folder is in their command
     line); other Ray clusters on the machine are left alone."""
-    marker = str(temp_dir).encode()
-    for _ in range(3):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue
-        time.sleep(0.5)
+    kill_processes(cmdline_has(str(temp_dir)))
     shutil.rmtree(temp_dir, ignore_errors=True)

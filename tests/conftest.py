@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayvit.config import Config, load_config  # noqa: E402
+from support import DATA_DIR as DATA_DIR  # the helpers tests import from here
+from support import ROOT as ROOT
+from support import require_data as require_data
+
+from rayvit.config import Config, load_config
 
 # Fixtures of the serving tests (tiny models, one Serve instance) live in tests/serve_support.py.
 pytest_plugins = ["serve_support"]
-
-DATA_DIR = Path(os.environ.get("RAYVIT_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10")).resolve()
 
 # The quick recipe, shrunk: tiny ViT, a few hundred images, one epoch, 2 workers on 2 logical CPUs.
 TINY = [
@@ -48,16 +49,6 @@ def tiny_config(tmp_path: Path, *extra: str) -> Config:
     """The shrunk quick recipe on the CIFAR-10 copy (skips the test without it)."""
     require_data()
     return load_config(ROOT / "configs" / "quick.yaml", [*TINY, f"output_dir={tmp_path / 'run'}", *extra])
-
-
-def require_data() -> Path:
-    """The CIFAR-10 copy, for tests that read it; they skip, saying why, when it is missing.
-
-    Unit tests never call this, so they run without the copy.
-    """
-    if not (DATA_DIR / "plain_text").is_dir():
-        pytest.skip(f"CIFAR-10 copy not found at {DATA_DIR} (set RAYVIT_TEST_DATA)")
-    return DATA_DIR
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import ROOT as ROOT
+from support import free_port as free_port
+from support import require_data as data_dir
 
 from rayvit.checkpoint import save_model_folder, write_json
 from rayvit.config import DataConfig, load_config
@@ -21,8 +23,6 @@ from rayvit.data import load_test, load_train_val
 from rayvit.model import build_model, build_preprocessor
 from rayvit.preprocess import preprocess_arrays
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 TINY_MODEL = [
     "model.image_size=32",
     "model.hidden_size=32",
@@ -42,16 +42,6 @@ TEST_OPTIONS: dict[str, Any] = {
     "graceful_shutdown_wait_loop_s": 0.5,
     "graceful_shutdown_timeout_s": 10,
 }
-
-
-def data_dir() -> Path:
-    """The CIFAR-10 copy; the test (or fixture) that needs it is skipped when it is missing."""
-    import os
-
-    path = Path(os.environ.get("RAYVIT_TEST_DATA", DATA_DIR)).resolve()
-    if not (path / "plain_text").is_dir():
-        pytest.skip(f"CIFAR-10 copy not found at {path} (set RAYVIT_TEST_DATA)")
-    return path
 
 
 def train_tiny_model(dest: Path, name: str, version: str, seed: int, steps: int = 60) -> Path:
@@ -98,12 +88,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         )
     finally:
         torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,6 @@ def test_unwritable_output_dir_fails_naming_it(tmp_path: Path) -> None:
 
 
 def _closed_port() -> int:
-    from cluster_support import free_port
+    from support import free_port
 
     return free_port()

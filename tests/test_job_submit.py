@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,7 @@ from pathlib import Path
 import pytest
 from cluster_support import dashboard_up
 from conftest import ROOT, TINY, require_data
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support import free_port
 
 
 @pytest.mark.slow
@@ -33,7 +27,7 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the head's processes must ask the head, not another cluster
     # A throwaway loopback head: no token auth, so the CLI and the HTTP polls need no token.
     env["RAY_AUTH_MODE"] = "disabled"
-    dash = _free_port()
+    dash = free_port()
     head = subprocess.Popen(
         [
             str(bin_dir / "ray"),
@@ -41,13 +35,13 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
             "--head",
             "--block",
             "--num-cpus=2",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
             # Not the agent's default port: a cluster of this test session may hold it, and an agent
             # without its HTTP server takes no jobs ("No available agent to submit job").
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             "--include-dashboard=true",
         ],
         env=env,

@@ -15,6 +15,7 @@ import requests
 import torch
 from PIL import Image
 from serve_support import Models, encode, offline_tensor, plain_pil_tensor, wait_until
+from support import MULTIPART, multipart
 
 from rayvit.predict import Predictor
 
@@ -158,16 +159,6 @@ def _png_claiming(width: int, height: int) -> bytes:
     )
 
 
-def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0und") -> bytes:
-    out = b""
-    for name, ctype, data in parts:
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="x"\r\n'
-        if ctype:
-            head += f"Content-Type: {ctype}\r\n"
-        out += head.encode() + b"\r\n" + data + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
-
-
 def _corpus(images: np.ndarray) -> list[tuple[str, str, str, bytes | None, str | None, int]]:
     """(name, method, path+query, body, content type, expected status)."""
     png = cifar_png(images, 9)
@@ -178,7 +169,7 @@ def _corpus(images: np.ndarray) -> list[tuple[str, str, str, bytes | None, str |
     palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     bomb = encode(Image.new("L", (8000, 8000)), "PNG")  # 64 MP of zeros, ~60 KB compressed
     large = encode(Image.fromarray(np.tile(images[9], (90, 90, 1))), "JPEG", quality=70)  # 2880x2880
-    mp = "multipart/form-data; boundary=b0und"
+    mp = MULTIPART
     return [
         ("empty body", "POST", "/predict", b"", "image/png", 400),
         ("truncated png", "POST", "/predict", png[: len(png) // 2], "image/png", 400),
@@ -211,23 +202,23 @@ def _corpus(images: np.ndarray) -> list[tuple[str, str, str, bytes | None, str |
             "multipart no boundary",
             "POST",
             "/predict",
-            _multipart([("file", "image/png", png)]),
+            multipart([("file", "image/png", png)]),
             "multipart/form-data",
             400,
         ),
-        ("multipart no file part", "POST", "/predict", _multipart([("other", "image/png", png)]), mp, 400),
-        ("multipart text part", "POST", "/predict", _multipart([("file", "text/plain", b"hi")]), mp, 415),
+        ("multipart no file part", "POST", "/predict", multipart([("other", "image/png", png)]), mp, 400),
+        ("multipart text part", "POST", "/predict", multipart([("file", "text/plain", b"hi")]), mp, 415),
         (
             "multipart bad image",
             "POST",
             "/predict",
-            _multipart([("file", "image/png", png), ("file", None, b"x")]),
+            multipart([("file", "image/png", png), ("file", None, b"x")]),
             mp,
             400,
         ),
-        ("multipart empty file", "POST", "/predict", _multipart([("file", "image/png", b"")]), mp, 400),
-        ("multipart truncated", "POST", "/predict", _multipart([("file", "image/png", png)])[:-30], mp, 400),
-        ("multipart 65 files", "POST", "/predict", _multipart([("file", "image/png", png)] * 65), mp, 413),
+        ("multipart empty file", "POST", "/predict", multipart([("file", "image/png", b"")]), mp, 400),
+        ("multipart truncated", "POST", "/predict", multipart([("file", "image/png", png)])[:-30], mp, 400),
+        ("multipart 65 files", "POST", "/predict", multipart([("file", "image/png", png)] * 65), mp, 413),
         # odd but real images: converted, not rejected
         (
             "16-bit png",

@@ -16,6 +16,7 @@ import requests
 import torch
 from PIL import Image
 from serve_support import Models, deploy, encode, wait_until
+from support import MULTIPART, multipart
 from test_serve_unit import jpeg_scan_bomb
 
 TIMEOUT = 60
@@ -66,11 +67,7 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def _multipart(blobs: list[bytes]) -> tuple[bytes, str]:
-    out = b""
-    for i, blob in enumerate(blobs):
-        out += f'--b0und\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'.encode()
-        out += b"Content-Type: image/png\r\n\r\n" + blob + b"\r\n"
-    return out + b"--b0und--\r\n", "multipart/form-data; boundary=b0und"
+    return multipart([("file", "image/png", blob) for blob in blobs]), MULTIPART
 
 
 def _slow_client(port: int, path: str, stop: threading.Event, sent: list[float]) -> socket.socket:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serve_support import ROOT, encode
+from support import multipart
 
 from rayvit.errors import UserError
 from rayvit.imageio import (
@@ -122,18 +123,8 @@ def test_header_parsing() -> None:
     assert parse_header_value("Image/PNG") == ("image/png", {})
 
 
-def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "XyZ") -> bytes:
-    out = b""
-    for name, ctype, data in parts:
-        out += (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
-                f"Content-Type: {ctype}\r\n\r\n"
-            ).encode()
-            + data
-            + b"\r\n"
-        )
-    return out + f"--{boundary}--\r\n".encode()
+def _multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
+    return multipart(parts, boundary="XyZ")  # the first part's data holds a prefix of the boundary
 
 
 def _read_files(body: bytes, ctype: str, max_files: int = 4) -> list[tuple[str | None, bytes]]:
@@ -145,7 +136,7 @@ def _read_files(body: bytes, ctype: str, max_files: int = 4) -> list[tuple[str |
 def test_multipart_files_with_limits() -> None:
     ctype = "multipart/form-data; boundary=XyZ"
     body = _multipart([("file", "image/png", b"\x89PNG\r\n--Xy"), ("note", "text/plain", b"hi")])
-    assert _read_files(body, ctype) == [("file.png", b"\x89PNG\r\n--Xy")]
+    assert _read_files(body, ctype) == [("0.png", b"\x89PNG\r\n--Xy")]
     five = _multipart([("file", "image/png", b"x")] * 5)
     with pytest.raises(HttpError) as err:
         _read_files(five, ctype)

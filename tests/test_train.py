@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA_DIR, ROOT, TINY, require_data, run_train_cli, tiny_config, train_cli_argv
+from support import in_session, kill_processes
 
 from rayvit.checkpoint import check_model_folder
 from rayvit.config import DataConfig, load_config
@@ -55,16 +54,7 @@ def _kill_session(sid: int) -> None:
     Ray workers and actors sit in process groups of their own, so killing the driver's group
     alone leaves them training (and checkpointing) for a while after the "crash".
     """
-    for _ in range(3):  # again, for anything forked while the first pass ran
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                continue
-        time.sleep(0.2)
+    kill_processes(in_session(sid), pause_s=0.2)
 
 
 def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:

@@ -1,0 +1,91 @@
+"""Helpers every kind of test shares: one copy each, so a fix reaches every test that uses it.
+
+Ports on 127.0.0.1, the CIFAR-10 copy, multipart bodies, and killing a group of processes.
+Fixtures live in ``conftest.py`` (training) and ``serve_support.py`` (serving).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The real CIFAR-10 copy in hub layout (``RAYVIT_TEST_DATA`` points elsewhere).
+DATA_DIR = Path(os.environ.get("RAYVIT_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10")).resolve()
+
+
+def require_data() -> Path:
+    """The CIFAR-10 copy, for tests that read it; they skip, saying why, when it is missing.
+
+    Unit tests never call this, so they run without the copy.
+    """
+    if not (DATA_DIR / "plain_text").is_dir():
+        pytest.skip(f"CIFAR-10 copy not found at {DATA_DIR} (set RAYVIT_TEST_DATA)")
+    return DATA_DIR
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+#: The boundary ``multipart`` uses unless told otherwise, and the matching Content-Type.
+BOUNDARY = "b0und"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart(parts: Iterable[tuple[str, str | None, bytes]], boundary: str = BOUNDARY) -> bytes:
+    """A ``multipart/form-data`` body written by hand, so tests can also send malformed ones.
+
+    ``parts`` are ``(field name, Content-Type or None for no header, data)``; part ``i`` is a file
+    named ``{i}.png``.
+    """
+    out = b""
+    for i, (name, ctype, data) in enumerate(parts):
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{i}.png"\r\n'
+        if ctype is not None:
+            head += f"Content-Type: {ctype}\r\n"
+        out += head.encode() + b"\r\n" + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def kill_processes(match: Callable[[int], bool], passes: int = 3, pause_s: float = 0.5) -> None:
+    """SIGKILL every process of this machine for which ``match(pid)`` holds (never this one).
+
+    Ray's workers and actors sit in process groups of their own, so a process group is not
+    enough; the scan is repeated for anything forked while a pass ran.
+    """
+    for _ in range(passes):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if match(int(entry.name)):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+        time.sleep(pause_s)
+
+
+def cmdline_has(marker: str) -> Callable[[int], bool]:
+    """``match`` for ``kill_processes``: the process's command line contains ``marker``."""
+    needle = marker.encode()
+
+    def match(pid: int) -> bool:
+        return needle in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+    return match
+
+
+def in_session(sid: int) -> Callable[[int], bool]:
+    """``match`` for ``kill_processes``: the process belongs to session ``sid``."""
+    return lambda pid: os.getsid(pid) == sid
