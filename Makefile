@@ -6,11 +6,12 @@ DATA ?= data/cifar10
 DVC_REMOTE ?=
 SERVE_CONFIG ?= configs/serve.yaml
 
-.PHONY: help install test lint format train-quick serve bench data repro push
+.PHONY: help install test test-full lint format train-quick serve bench data repro push
 
 help:
 	@echo "install      virtualenv $(VENV) with the project, dev and ops extras; git hooks"
-	@echo "test         the test suite (as CI runs it)"
+	@echo "test         the everyday test tier: python -m pytest (what pull requests run)"
+	@echo "test-full    the whole suite, slow tests included (what CI runs on main)"
 	@echo "lint         ruff check, ruff format --check, mypy (CI's gates)"
 	@echo "format       ruff format + ruff check --fix"
 	@echo "train-quick  quick recipe on $(DATA) (CPU is fine) -> runs/quick/best"
@@ -27,6 +28,9 @@ install:
 
 test:
 	$(PY) -m pytest
+
+test-full:
+	$(PY) -m pytest --full
 
 lint:
 	$(BIN)/ruff check .

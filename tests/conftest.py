@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,39 @@ from rayvit.config import Config, load_config
 
 # Fixtures of the serving tests (tiny models, one Serve instance) live in tests/serve_support.py.
 pytest_plugins = ["serve_support"]
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="the whole suite: the everyday tier and the tests marked slow",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``python -m pytest`` is the everyday tier: tests marked ``slow`` are left out unless
+    ``--full`` is given or the command picks tests itself (``-m``, ``-k`` or a ``file::test`` id),
+    so a slow test asked for by name still runs."""
+    picked = bool(config.option.markexpr or config.option.keyword) or any("::" in a for a in config.args)
+    if config.getoption("--full") or picked:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+    config.stash[_SLOW_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"everyday tier: {left_out} slow tests not run; `python -m pytest --full` runs everything"
+        )
+
 
 # The quick recipe, shrunk: tiny ViT, a few hundred images, one epoch, 2 workers on 2 logical CPUs.
 TINY = [

@@ -438,8 +438,20 @@ def test_gates_config_ci_precommit_makefile() -> None:
     }
     assert {"ruff", "ruff-format", "mypy"} <= hooks
     if shutil.which("make"):
-        for target in ("install", "test", "lint", "train-quick", "serve", "bench", "data", "repro"):
+        for target in (
+            "install",
+            "test",
+            "test-full",
+            "lint",
+            "train-quick",
+            "serve",
+            "bench",
+            "data",
+            "repro",
+        ):
             run(["make", "-n", target], ROOT)
+        assert run(["make", "-n", "test"], ROOT).stdout.strip().endswith("-m pytest")
+        assert run(["make", "-n", "test-full"], ROOT).stdout.strip().endswith("-m pytest --full")
     mypy_files = PYPROJECT["tool"]["mypy"]["files"]
     assert {"rayvit", "ray_jobs", "tests"} <= set(mypy_files)
     extras = PYPROJECT["project"]["optional-dependencies"]

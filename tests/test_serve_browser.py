@@ -1,6 +1,7 @@
 """The upload page in headless Chromium: choose (or drop) an image, see its label and bars.
 
-Needs the system packages ``chromium`` and ``chromium-driver`` (``.ci/install-system-deps``).
+Needs the system packages ``chromium`` and ``chromium-driver`` (``.ci/install-system-deps``), or
+Google Chrome and its chromedriver as GitHub's runners have them.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ CHROME_FLAGS = [
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    chromium = next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
     driver_path = shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.fail(
             "headless Chromium is required for the upload-page test and was not found: "
-            "run .ci/install-system-deps (apt-get install chromium chromium-driver)"
+            "run .ci/install-system-deps (apt-get install chromium chromium-driver), as the README's setup says"
         )
     from selenium import webdriver
 
