@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from rayvit.errors import UserError
 from rayvit.imageio import decode_to_side, limit_pil_pixels
 from rayvit.predict import Predictor
 from rayvit.preprocess import preprocess_arrays
+from rayvit.storage import is_uri
 from serve_app.decoding import DecodeLimits, DecodePool
 from serve_app.http import (
     ACCEPTED,
@@ -57,6 +59,26 @@ class ModelHealthError(UserError):
     """The model cannot produce finite outputs: the replica must not (keep) serving."""
 
 
+class ModelUnavailableError(UserError):
+    """The replica cannot get its model folder (storage down, export gone): it must not start."""
+
+
+def _model_folder(model_dir: str) -> Path:
+    """The model folder, or ``ModelUnavailableError`` with one line (also logged) saying why.
+
+    Serve then counts the replica as failed to start, retries it, and reports the deployment
+    unhealthy with this line, instead of a replica that hangs or serves nothing.
+    """
+    try:
+        return local_model_folder(model_dir, check_weights=False)
+    except UserError as exc:
+        reason = str(exc)
+        if is_uri(model_dir) and "no exported model" not in reason:
+            reason = f"storage unreachable when the replica started: {reason}"
+        logger.error(reason)
+        raise ModelUnavailableError(reason) from None
+
+
 def _thread_count(requested: int | None) -> int:
     if requested:
         return requested
@@ -79,7 +101,7 @@ class ViTClassifier:
         self._threads = _thread_count(self.settings.torch_threads)
         self._thread_state = threading.local()
         self.forward_threads = 0  # torch threads of the last forward pass, as the model ran it
-        self.predictor = Predictor(local_model_folder(model_dir, check_weights=False))
+        self.predictor = Predictor(_model_folder(model_dir))
         self.name, self.version = model_identity(self.predictor.path, self.predictor.metrics)
         self.model_info = {"name": self.name, "version": self.version}
         self.metrics = ServeMetrics(self.name, self.version)

@@ -97,10 +97,20 @@ def serve_url(ray_cluster: None) -> Iterator[str]:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options())
     yield f"http://127.0.0.1:{port}"
     shutdown: Any = serve.shutdown
     shutdown()
+
+
+def controller_options() -> dict[str, Any]:
+    """``configs/serve.yaml``'s controller options: its proxy loads the retry middleware."""
+    import yaml
+
+    options: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())[
+        "controller_options"
+    ]
+    return options
 
 
 def deploy(model_dir: Path, name: str, route_prefix: str, **overrides: Any) -> None:
