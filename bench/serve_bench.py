@@ -7,10 +7,14 @@ keep-alive HTTP clients on 127.0.0.1 (bounded by request count and time):
   (b) the same model with ``max_batch_size=1`` (one request per forward pass),
   (c) a no-op Serve deployment that reads the body and answers JSON (HTTP ceiling),
   (d) in-process batched inference with ``Predictor`` (model ceiling),
-  (e) the deployment with 32 images per multipart request (images/s).
+  (e) the deployment with 32 images per multipart request (images/s),
+  (r) (a) again, at a route the proxy's retry middleware (``serve_app.retry``) skips.
 
+Serve starts with ``configs/serve.yaml``'s ``controller_options``, so its proxy runs the retry
+middleware as deployed; (a) and (r) side by side give what the retrying costs.
 Goals on a 2-core machine: (a) >= 60% of min(c, d) req/s, >= 70% of (c) and >= 2x (b),
-p99 <= 3x p50, zero errors; (e) >= 70% of (d) images/s. Run from the repository root:
+p99 <= 3x p50, zero errors; (e) >= 70% of (d) images/s; (a) >= 90% of (r) (the retry
+costs under 10%). Run from the repository root:
 
     python bench/serve_bench.py [--model-dir models/best] [--seconds 20]
 
@@ -230,14 +234,16 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=None)
     ap.add_argument("--wait-ms", type=float, default=None, help="batch_wait_timeout_s in ms")
     ap.add_argument("--rounds", type=int, default=4, help="scenarios take turns this many times")
-    ap.add_argument("--only", default="abcde", help="scenarios to run, e.g. 'ad'")
+    ap.add_argument("--only", default="abcder", help="scenarios to run, e.g. 'ad'")
     args = ap.parse_args()
 
     import ray
+    import yaml
     from ray import serve
 
     from serve_app import build_app
-    from serve_app.settings import deployment_options, replica_settings
+    from serve_app.retry import SKIP_ENV
+    from serve_app.settings import deployment_options, merge, replica_settings
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     model_dir = Path(args.model_dir).resolve() if args.model_dir else quick_model(tmp / "model")
@@ -274,7 +280,13 @@ def main() -> None:
         runtime_env={"env_vars": env},
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    controller = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text()).get("controller_options") or {}
+    controller = merge(controller, {"runtime_env": {"env_vars": {SKIP_ENV: "/r/"}}})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config={"enable_access_log": False},
+        controller_options=controller,
+    )
     settings = overrides["user_config"]
     unbatched = {**overrides, "user_config": {**settings, "max_batch_size": 1, "batch_wait_timeout_s": 0.0}}
     rounds = max(1, args.rounds)
@@ -287,12 +299,15 @@ def main() -> None:
         "e": (f"(e) this deployment, {k} images/request", "/a/predict", groups, k),
         "b": ("(b) same model, max_batch_size=1", "/b/predict", single, 1),
         "c": ("(c) no-op Serve deployment", "/c/predict", single, 1),
+        "r": ("(r) (a) without the proxy's retry", "/r/predict", single, 1),
     }
-    wanted = [x for x in "aebc" if x in args.only]
+    wanted = [x for x in "arebc" if x in args.only]
     results: dict[str, Result] = {}
     try:
         if "a" in args.only or "e" in args.only:
             serve.run(build_app(model_dir, overrides=overrides), name="a", route_prefix="/a")
+        if "r" in args.only:
+            serve.run(build_app(model_dir, overrides=overrides), name="r", route_prefix="/r")
         if "b" in args.only:
             serve.run(build_app(model_dir, overrides=unbatched), name="b", route_prefix="/b")
         if "c" in args.only:
@@ -359,14 +374,14 @@ def report(results: dict[str, Result], args: argparse.Namespace, model_dir: Path
     print(
         f"{'scenario':46} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
     )
-    for r in results.values():
-        lat = [r.pct(q) for q in (50, 95, 99)] if r.latencies else [float("nan")] * 3
+    for res in results.values():
+        lat = [res.pct(q) for q in (50, 95, 99)] if res.latencies else [float("nan")] * 3
         print(
-            f"{r.name:46} {r.rps:8.1f} {r.ips:8.1f} {lat[0]:8.1f} {lat[1]:8.1f} {lat[2]:8.1f} {r.errors:7d}"
-            + (f"  ({r.note})" if r.note else "")
+            f"{res.name:46} {res.rps:8.1f} {res.ips:8.1f} {lat[0]:8.1f} {lat[1]:8.1f} {lat[2]:8.1f} "
+            f"{res.errors:7d}" + (f"  ({res.note})" if res.note else "")
         )
     goals = []
-    a, b, c, d, e = (results.get(x) for x in "abcde")
+    a, b, c, d, e, r = (results.get(x) for x in "abcder")
     if a and c and d:
         ceiling = min(c.rps, d.ips)
         goals.append(("(a) >= 60% of min((c), (d)) req/s", a.rps / ceiling, 0.6, f"{a.rps / ceiling:.0%}"))
@@ -389,11 +404,16 @@ def report(results: dict[str, Result], args: argparse.Namespace, model_dir: Path
         goals.append(("(a) zero errors", 1.0 if a.errors == 0 else 0.0, 1.0, f"{a.errors} errors"))
     if e and d:
         goals.append(("(e) >= 70% of (d) images/s", e.ips / d.ips, 0.7, f"{e.ips / d.ips:.0%}"))
+    if a and r:
+        cost = 1 - a.rps / r.rps if r.rps else 1.0
+        goals.append(
+            ("(a) >= 90% of (r) req/s (retry cost)", 1 - cost, 0.9, f"{a.rps / r.rps:.0%}, cost {cost:.1%}")
+        )
     if goals:
         print("goals:")
         for name, value, need, shown in goals:
             print(f"  {'met ' if value >= need else 'MISSED'} {name:38} {shown}")
-    print(json.dumps({k: {"rps": round(r.rps, 1), "ips": round(r.ips, 1)} for k, r in results.items()}))
+    print(json.dumps({k: {"rps": round(v.rps, 1), "ips": round(v.ips, 1)} for k, v in results.items()}))
 
 
 if __name__ == "__main__":

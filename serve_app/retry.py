@@ -33,6 +33,8 @@ CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve_app.retry:proxy_middlewares"
 RETRIES_ENV = "RAYVIT_PROXY_RETRIES"
 RETRY_AFTER_ENV = "RAYVIT_PROXY_RETRY_AFTER_S"
+#: Route prefixes (comma-separated) never retried: apps whose requests must not run twice.
+SKIP_ENV = "RAYVIT_PROXY_RETRY_SKIP"
 #: The header of a response that needed retries: how many.
 RETRIES_HEADER = b"x-rayvit-retries"
 #: Waits before the 2nd, 3rd, ... attempt: the first retry goes at once (the router already
@@ -50,6 +52,7 @@ def proxy_middlewares() -> list[Middleware]:
             RetryMiddleware,
             retries=int(os.environ.get(RETRIES_ENV, "3")),
             retry_after_s=int(os.environ.get(RETRY_AFTER_ENV, "1")),
+            skip=tuple(p.strip() for p in os.environ.get(SKIP_ENV, "").split(",") if p.strip()),
         )
     ]
 
@@ -89,16 +92,22 @@ class _Request:
 class RetryMiddleware:
     """Replays an idempotent request whose attempt ended without a complete response."""
 
-    def __init__(self, app: ASGIApp, retries: int = 3, retry_after_s: int = 1) -> None:
+    def __init__(
+        self, app: ASGIApp, retries: int = 3, retry_after_s: int = 1, skip: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.retries = max(0, retries)
         self.retry_after = str(max(0, retry_after_s)).encode()
+        self.skip = skip
 
     def _retryable(self, scope: Scope) -> bool:
         if scope["type"] != "http" or not self.retries:
             return False
         method = scope.get("method", "GET")
-        return method in RETRY_METHODS or (method == "POST" and scope["path"].endswith(RETRY_POST_SUFFIX))
+        path: str = scope["path"]
+        if self.skip and path.startswith(self.skip):
+            return False
+        return method in RETRY_METHODS or (method == "POST" and path.endswith(RETRY_POST_SUFFIX))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._retryable(scope):

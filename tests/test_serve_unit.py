@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -291,3 +292,105 @@ def test_launcher_keeps_loopback_unless_told_and_then_needs_keys() -> None:
     assert host == "0.0.0.0"
     _, host = prepare(DEFAULT_CONFIG, {"RAYVIT_SERVE_HOST": "::1"})
     assert host == "::1"
+
+
+# -- the proxy's retry middleware (serve_app.retry), driven as Serve's proxy drives it ---------------
+
+
+class _Proxy:
+    """An ASGI app that, like Serve's proxy when the replica holding a request dies, returns
+    without a response on its first ``failures`` calls; then it echoes the request body."""
+
+    def __init__(self, failures: int, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
+        self.failures = failures
+        self.status = status
+        self.headers = headers or [(b"content-type", b"application/json")]
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        scope["root_path"] = scope.get("root_path", "") + "/app"  # the proxy rewrites the scope
+        assert scope["root_path"] == "/app"
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        if len(self.bodies) <= self.failures:
+            return
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _call(
+    app: Any, path: str = "/app/predict", method: str = "POST", disconnect: bool = False
+) -> list[dict[str, Any]]:
+    import asyncio
+
+    from serve_app.retry import RetryMiddleware
+
+    chunks = [
+        {"type": "http.request", "body": b"part1-", "more_body": True},
+        {"type": "http.request", "body": b"part2", "more_body": False},
+    ]
+    if disconnect:
+        chunks = [{"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return chunks.pop(0)
+        await asyncio.sleep(3600)  # the client keeps the connection open
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+    asyncio.run(RetryMiddleware(app, retries=2, retry_after_s=1)(scope, receive, send))
+    return sent
+
+
+def test_retry_middleware_replays_the_body_to_a_second_attempt() -> None:
+    proxy = _Proxy(failures=1)
+    sent = _call(proxy)
+    assert proxy.bodies == [b"part1-part2", b"part1-part2"]  # the client sent it once
+    assert sent[0]["status"] == 200 and (b"x-rayvit-retries", b"1") in sent[0]["headers"]
+    assert sent[1]["body"] == b"part1-part2"
+
+
+def test_retry_middleware_answers_json_503_with_retry_after_when_no_attempt_answers() -> None:
+    import json
+
+    proxy = _Proxy(failures=10)
+    sent = _call(proxy)
+    assert len(proxy.bodies) == 3  # the first attempt and two retries
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 503 and headers[b"retry-after"] == b"1"
+    assert headers[b"content-type"] == b"application/json"
+    assert "retry later" in json.loads(sent[1]["body"])["error"]
+
+
+def test_retry_middleware_leaves_other_requests_and_gone_clients_alone() -> None:
+    proxy = _Proxy(failures=1)
+    assert _call(proxy, path="/app/upload") == [] and len(proxy.bodies) == 1  # not a prediction: no retry
+    proxy = _Proxy(failures=1)
+    assert _call(proxy, disconnect=True) == [] and proxy.bodies == []  # the client left: no retry
+    # Serve's own 503 (no replica yet) gets the Retry-After it lacks; other answers pass unchanged.
+    sent = _call(_Proxy(failures=0, status=503, headers=[(b"content-type", b"text/plain")]))
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    sent = _call(_Proxy(failures=0), method="GET", path="/app/health")
+    assert sent[0] == {"type": "http.response.start", "status": 200, "headers": _Proxy(0).headers}
+
+
+def test_the_retry_middleware_loads_without_the_model_code() -> None:
+    """Serve's proxy imports it: it must not pull torch into the proxy process."""
+    code = (
+        "import sys, serve_app.retry as r; m = r.proxy_middlewares(); "
+        "assert 'torch' not in sys.modules and m[0].cls is r.RetryMiddleware; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
