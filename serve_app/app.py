@@ -47,6 +47,7 @@ def build_app(
     Fails before anything is deployed, with one line naming the path, when the
     model folder is missing or invalid or its weights are not finite.
     """
+    _proxy_retry_for_a_local_cluster()
     if str(model_dir) == DEFAULT_MODEL_DIR and not Path(DEFAULT_MODEL_DIR).exists():
         raise BuildError(
             f"no model at {DEFAULT_MODEL_DIR}: train one with `{TRAIN_COMMAND}`, "
@@ -62,6 +63,21 @@ def build_app(
     source = str(model_dir) if is_uri(str(model_dir)) else str(path)
     application: Application = deployment.options(**options).bind(source)
     return application
+
+
+def _proxy_retry_for_a_local_cluster() -> None:
+    """``serve run serve_app:app`` passes Serve no ``controller_options`` but builds the app before
+    it starts a local cluster: the variable set here reaches that cluster's proxy, which then
+    retries requests of a lost replica as ``configs/serve.yaml`` asks (see ``serve_app.retry``)."""
+    import os
+
+    import ray
+
+    from serve_app.retry import proxy_env
+
+    if not ray.is_initialized():
+        for key, value in proxy_env().items():
+            os.environ.setdefault(key, value)
 
 
 def app(args: dict[str, str]) -> Application:
