@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any cwd
 
 from rayvit.cli import TRAIN_DESCRIPTION, TRAIN_PROG, parse_config, run_cli
+from rayvit.cluster import shutdown_ray
 from tuning import run_job
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
@@ -22,7 +23,12 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train.ya
 def main(argv: Sequence[str] | None = None) -> None:
     def _main() -> None:
         cfg = parse_config(argv, DEFAULT_CONFIG, TRAIN_DESCRIPTION, TRAIN_PROG)
-        summary = run_job(cfg)
+        try:
+            summary = run_job(cfg)
+        finally:
+            # Before the job's last line: Ray ends once its trial and Train actors have exited,
+            # so that none is killed halfway through its exit (a traceback in the output).
+            shutdown_ray()
         state = "already finished" if summary.resumed_finished else "exported"
         print(
             f"{state}: {summary.best_dir}  test_accuracy {summary.metrics.get('test_accuracy', float('nan')):.4f}  "

@@ -10,17 +10,20 @@ fails at once.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import ray
 
 from rayvit.config import Config, RayConfig
 from rayvit.errors import UserError
-from rayvit.logs import WORKER_SETUP_HOOK
+from rayvit.logs import WORKER_SETUP_HOOK, filter_worker_output
 
 
 def init_ray(rc: RayConfig) -> None:
@@ -51,6 +54,107 @@ def init_ray(rc: RayConfig) -> None:
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise UserError(f"ray.address: cannot connect to the Ray cluster: {exc}") from exc
+    filter_worker_output()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Actors of Ray Train whose end the job waits for: a process of Ray's that is SIGTERMed while
+#: it is already exiting (its interpreter shutting down) prints a traceback to the job's output.
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
+EXIT_WAIT_S = 30.0
+
+
+def _live_actors(owner_worker_id: str | None, classes: tuple[str, ...] | None) -> list[Any]:
+    """This job's non-detached actors that are not dead, or whose process on this node still
+    runs (Ray marks an actor dead when its worker disconnects, before its interpreter has
+    finished exiting); optionally only those owned by one worker or of some classes."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    rows = [
+        gcs_pb2.ActorTableData.FromString(b)  # type: ignore[attr-defined]
+        for b in state._connect_and_get_accessor().get_actor_table(job_id, None)
+    ]
+    here = ray.get_runtime_context().get_node_id()
+    live = []
+    for a in rows:
+        if a.is_detached or (classes is not None and a.class_name not in classes):
+            continue
+        if owner_worker_id is not None and a.owner_address.worker_id.hex() != owner_worker_id:
+            continue
+        dead = a.state == gcs_pb2.ActorTableData.DEAD  # type: ignore[attr-defined]
+        if not dead or (a.address.node_id.hex() == here and a.pid and _pid_runs(a.pid)):
+            live.append(a)
+    return live
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_actors_to_exit(
+    owner_worker_id: str | None = None,
+    classes: tuple[str, ...] | None = None,
+    timeout_s: float = EXIT_WAIT_S,
+) -> bool:
+    """Wait until the matching actors of this job have ended; False if some still run at the
+    deadline. Only a process that has exited cannot be caught halfway through its exit by
+    the kill that Ray sends when the actor's owner (or the job) ends."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if not _live_actors(owner_worker_id, classes):
+                return True
+        except Exception:  # no GCS to ask (a Ray without this table, or one going away)
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def waits_for_train_controllers(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a Tune trial's function: return (or raise) only once the Ray Train controller
+    it started has exited.
+
+    ``TorchTrainer.fit`` returns while its controller actor, no longer referenced, is still
+    exiting; the trial's actor ends right after, and Ray kills the actors it owns, so the
+    controller gets a SIGTERM in the middle of its interpreter's shutdown and Ray's handler
+    prints a ``SystemExit`` traceback into the job's output.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            wait_for_actors_to_exit(ray.get_runtime_context().get_worker_id(), ("TrainController",))
+
+    return wrapper
+
+
+def shutdown_ray() -> None:
+    """End the job's Ray session once Tune's trial actors and Ray Train's actors have exited.
+
+    Called at the end of the CLI path (success, error or interrupt). A driver that exits first
+    ends the job, and Ray then kills the actors that are still on their way out; the ones in
+    their interpreter's shutdown print tracebacks. On a cluster the job started itself
+    (``ray.init()`` on a laptop), ``ray.shutdown`` then stops it.
+    """
+    if not ray.is_initialized():
+        return
+    driver = ray.get_runtime_context().get_worker_id()
+    wait_for_actors_to_exit(driver)  # Tune's trial actors (and any other actor the job made)
+    wait_for_actors_to_exit(None, TRAIN_ACTORS)
+    ray.shutdown()
 
 
 def _free_port(preferred: int) -> int:
@@ -73,7 +177,7 @@ class Capacity:
     gpus: int
     max_cpus_per_node: float
     autoscaler: str | None
-    """``v2`` or None (checked as a fixed cluster)."""
+    """``v2``, ``v1`` (an autoscaler with a cluster config) or None (checked as a fixed cluster)."""
 
 
 def cluster_capacity() -> Capacity:
@@ -84,18 +188,68 @@ def cluster_capacity() -> Capacity:
 
 
 def _autoscaler_kind() -> str | None:
-    """``v2`` when autoscaler v2 runs (it can say what it could never place), else None.
-
-    Autoscaler v1 runs on every cluster, a laptop's ``ray.init()`` too (with a provider that
-    adds nothing), and cannot tell either; such a cluster is checked as a fixed one
-    (``scaling.check_resources=false`` skips that on a v1 autoscaling cluster).
-    """
+    """``v2`` when autoscaler v2 runs (it can say what it could never place), ``v1`` when the
+    v1 autoscaler runs with a cluster config (it adds nodes for pending work but cannot be
+    asked in advance), else None (a fixed cluster)."""
     from ray.autoscaler.v2.utils import is_autoscaler_v2
 
     try:
-        return "v2" if is_autoscaler_v2(fetch_from_server=True) else None
+        if is_autoscaler_v2(fetch_from_server=True):
+            return "v2"
+    except Exception:
+        pass
+    return classify_v1_status(_v1_status())
+
+
+def _v1_status() -> dict[str, Any] | None:
+    """What the v1 autoscaler's monitor last wrote to the GCS (``ray status`` reads the same),
+    or None when no monitor reports there."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    try:
+        if not _internal_kv_initialized():
+            return None
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        status = json.loads(raw) if raw else None
     except Exception:
         return None
+    return status if isinstance(status, dict) else None
+
+
+#: The node type the v1 monitor gives each node when it runs without a cluster config (a
+#: laptop's ``ray.init()``, ``ray start`` by hand): its read-only provider, which adds nothing.
+_READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")
+
+
+def classify_v1_status(status: dict[str, Any] | None) -> str | None:
+    """``v1`` for the status of a v1 monitor that runs with a cluster config, else None.
+
+    Every Ray head runs the v1 monitor unless autoscaler v2 is on. Without a config (a laptop,
+    a hand-started head) it mirrors the nodes that are there, one node type per node named
+    ``node_<node id>``, and can add none. With ``--autoscaling-config`` (an older KubeRay, the
+    cluster launcher) its node types are the config's names (``ray.head.default``,
+    ``cpu_worker``, a worker group), and it launches nodes for work that waits. The status
+    holds no node type's size or ``max_workers``, so a v1 cluster cannot be asked in advance
+    whether it could ever place the workers.
+    """
+    report = (status or {}).get("autoscaler_report")
+    if not isinstance(report, dict):
+        return None
+    types: set[str] = set()
+    for key in ("active_nodes", "idle_nodes", "pending_launches"):
+        if isinstance(report.get(key), dict):
+            types |= {str(t) for t in report[key]}
+    if isinstance(report.get("node_type_mapping"), dict):
+        types |= {str(t) for t in report["node_type_mapping"].values()}
+    for entry in report.get("pending_nodes") or []:
+        if isinstance(entry, (list, tuple)) and len(entry) >= 2:
+            types.add(str(entry[-2]))
+    if not types or all(_READONLY_NODE_TYPE.fullmatch(t) for t in types):
+        return None
+    return "v1"
 
 
 def keep_coordinator_off_workers() -> None:
@@ -186,16 +340,18 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
     """Turn ``auto`` settings into numbers and check that the cluster can ever place them.
 
     On a fixed cluster that is what is up now. With an autoscaler, ``use_gpu: auto`` is true
-    when GPUs are up or the autoscaler can add one, ``num_workers: auto`` becomes the elastic
-    range ``[1, scaling.auto_max_workers]`` (Ray Train grows the group as nodes arrive), and a
-    request is refused only when the autoscaler says no node type could ever place it.
+    when GPUs are up or the autoscaler (v2) can add one, ``num_workers: auto`` becomes the
+    elastic range ``[1, scaling.auto_max_workers]`` (Ray Train grows the group as nodes
+    arrive), and a request is refused only when autoscaler v2 says no node type could ever
+    place it; autoscaler v1 cannot be asked, so the job waits for the nodes it adds.
     """
     sc = cfg.scaling
     cap = cap or cluster_capacity()
     scaling = cap.autoscaler is not None
     use_gpu: bool
     if sc.use_gpu == "auto":
-        use_gpu = cap.gpus > 0 or (scaling and autoscaler_can_place([{"GPU": 1.0}]) is True)
+        # (autoscaler v1 cannot be asked: GPUs that are not up yet need scaling.use_gpu=true)
+        use_gpu = cap.gpus > 0 or (cap.autoscaler == "v2" and autoscaler_can_place([{"GPU": 1.0}]) is True)
     else:
         use_gpu = bool(sc.use_gpu)
     num_workers: int | tuple[int, int]
@@ -217,10 +373,12 @@ def resolve_placement(cfg: Config, cap: Capacity | None = None) -> Placement:
     if scaling:
         keep_coordinator_off_workers()
     if sc.check_resources:
-        if scaling:
+        if cap.autoscaler == "v2":
             _check_autoscaler_fits(placement, cap)
-        else:
+        elif not scaling:
             _check_fits(placement, cap)
+        # autoscaler v1: nothing to ask; Ray Train's controller waits for its placement group,
+        # which v1 launches nodes for (and warns in the job's output when no node type fits)
     return placement
 
 
@@ -240,28 +398,37 @@ def _bundle(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
+#: How to go on when a cluster without an autoscaler cannot place the workers.
+FIXED_HINT = (
+    "no autoscaler that adds nodes was found (neither v2 nor v1 with a cluster config): add nodes, "
+    "ask for less, or set scaling.check_resources=false to wait for nodes started by hand"
+)
+
+
 def _check_fits(p: Placement, cap: Capacity) -> None:
-    """One line naming the setting when a fixed cluster cannot place ``p``."""
+    """One line naming the setting, what the cluster has and how to go on, when a fixed cluster
+    cannot place ``p``."""
     need = p.min_workers
     cpus_per = p.resources_per_worker["CPU"]
     if p.use_gpu and cap.gpus == 0:
         raise UserError(
             "scaling.use_gpu=true but the Ray cluster has no GPUs and no autoscaler "
-            "(set scaling.use_gpu=auto or false)"
+            f"(set scaling.use_gpu=auto or false; {FIXED_HINT})"
         )
     if cpus_per > cap.max_cpus_per_node + 1e-9:
         raise UserError(
             f"scaling.cpus_per_worker={cpus_per:g} is more than any node of the Ray cluster has "
-            f"({cap.max_cpus_per_node:g} CPUs)"
+            f"({cap.max_cpus_per_node:g} CPUs; {FIXED_HINT})"
         )
     if need * cpus_per > cap.cpus + 1e-9:
         raise UserError(
             f"scaling.num_workers={_shown(p.num_workers)} x scaling.cpus_per_worker={cpus_per:g} "
-            f"needs {need * cpus_per:g} CPUs but the Ray cluster has {cap.cpus:g}"
+            f"needs {need * cpus_per:g} CPUs but the Ray cluster has {cap.cpus:g} ({FIXED_HINT})"
         )
     if p.use_gpu and need > cap.gpus:
         raise UserError(
-            f"scaling.num_workers={_shown(p.num_workers)} needs {need} GPUs but the Ray cluster has {cap.gpus}"
+            f"scaling.num_workers={_shown(p.num_workers)} needs {need} GPUs but the Ray cluster has "
+            f"{cap.gpus} ({FIXED_HINT})"
         )
 
 

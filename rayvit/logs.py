@@ -7,20 +7,38 @@ here, in every process that calls ``quiet_libraries``: the driver and each Ray w
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 # Notices that Ray logs at WARNING level although nothing is wrong.
 _RAY_NOTICES = (
     "Token authentication is enabled for this Ray cluster",
     "Progress bars disabled",  # Ray Data, in every process that runs a dataset
     "Progress bars for operators disabled",
+    # Ray Train's placement-group cleaner, once per finished run whose controller it saw end
+    # before the run's placement group was gone: Ray cleaning up after itself.
+    "Detected that the Ray Train controller actor",
+    # Tune on an interrupted run (the job says so itself, in one line, and how to resume) ...
+    "Stop signal received",
+    "Experiment has been interrupted",
+    # ... and on trials that failed or were interrupted (the job's table and error line say which).
+    "Trials did not complete",
 )
+# Lines of Ray's C++ core in a worker's output, streamed to the driver as text (no Python
+# logger to filter): Ray Train's preemption watcher is an actor with max_restarts=-1 whose
+# arguments are worker handles, which Ray warns about for every worker group it starts.
+_RAY_STREAM_NOTICES = ("Actor with class name: 'PreemptionWatcher'",)
+#: Loggers whose records are filtered where they are made: they run in processes of Ray's
+#: whose console handlers the job never configures (the cleaner is a detached actor).
+_RAY_NOTICE_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 #: Ray's ``worker_process_setup_hook`` for the job's cluster (``rayvit.cluster.init_ray``).
-WORKER_SETUP_HOOK = "rayvit.logs.quiet_ray_worker"
+WORKER_SETUP_HOOK = "rayvit.logs.setup_ray_worker"
 
 
 class _RayConsoleFilter(logging.Filter):
@@ -30,7 +48,15 @@ class _RayConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING and not record.getMessage().startswith(_RAY_NOTICES)
 
 
+class _RayNoticeFilter(logging.Filter):
+    """Drops Ray's routine notices only (any level passes otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_RAY_NOTICES)
+
+
 _RAY_FILTER = _RayConsoleFilter()
+_RAY_NOTICE_FILTER = _RayNoticeFilter()
 
 
 def quiet_libraries() -> None:
@@ -72,8 +98,49 @@ def _quiet_ray() -> None:
     quiet_ray_worker()
 
 
+def setup_ray_worker() -> None:
+    """Every Ray worker process of the job (``WORKER_SETUP_HOOK``): quiet, and silent when it
+    is killed during its own exit.
+
+    Ray's worker answers SIGTERM by raising ``SystemExit``. A worker that is already exiting
+    (its task loop done, the interpreter finalizing) and then gets the SIGTERM of a kill
+    raises it inside whatever finalizer runs, and prints ``Exception ignored in ...`` and a
+    traceback into the job's output. Once the exit has begun, SIGTERM does what it does by
+    default: end the process.
+    """
+    quiet_ray_worker()
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)
+
+
+def filter_worker_output() -> None:
+    """Drop Ray's C++ notices from the worker output that the driver prints.
+
+    Ray streams each worker's stdout and stderr to the driver, which prints them through
+    handlers of ``ray._private.ray_logging.global_worker_stdstream_dispatcher`` (``ray.init``
+    adds the one named ``ray_print_logs``). Lines that Ray's C++ core writes there pass no
+    Python logger, so this wraps that handler. Call after ``ray.init``.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    name = "ray_print_logs"
+    with dispatcher._lock:
+        for i, (hname, handler) in enumerate(dispatcher.handlers):
+            if hname == name and not getattr(handler, "_rayvit_filtered", False):
+                dispatcher.handlers[i] = (name, _without_notices(handler))
+
+
+def _without_notices(handler: Any) -> Any:
+    def emit(data: dict[str, Any]) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_STREAM_NOTICES)]
+        if lines or not data.get("lines"):
+            handler({**data, "lines": lines})
+
+    emit._rayvit_filtered = True  # type: ignore[attr-defined]
+    return emit
+
+
 def quiet_ray_worker() -> None:
-    """Ray runs this in every worker process of the job (``WORKER_SETUP_HOOK``), so that the
+    """Runs in every worker process of the job (``setup_ray_worker``) and the driver, so that the
     processes no project code runs in (Ray Data's split coordinators, Ray Train's dataset
     manager) print no more than the driver: Ray Data's INFO lines ("Dataset ... execution
     finished", one per epoch and split) and notices go to its log file only, and Ray's own
@@ -86,6 +153,10 @@ def quiet_ray_worker() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and _RAY_FILTER not in handler.filters:
             handler.addFilter(_RAY_FILTER)
+    for name in _RAY_NOTICE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _RAY_NOTICE_FILTER not in logger.filters:
+            logger.addFilter(_RAY_NOTICE_FILTER)
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
 
 
