@@ -22,7 +22,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from rayvit.checkpoint import METRICS_FILE
-from rayvit.cluster import Placement, cluster_capacity
+from rayvit.cli import until_interrupted
+from rayvit.cluster import Placement, cluster_capacity, waits_for_train_controllers
 from rayvit.config import Config
 from rayvit.errors import UserError
 from rayvit.export import Chosen, RunSummary, evaluate_on_test, export_best, test_split
@@ -79,6 +80,7 @@ def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
     return max(1, fits)
 
 
+@waits_for_train_controllers
 def _train_driver(config: dict[str, Any], job: Job) -> None:
     """One Tune trial: fit the job's TorchTrainer at this trial's learning rate."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -256,7 +258,7 @@ def run_job(cfg: Config) -> RunSummary:
             f"{job.placement.describe()}, up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
             flush=True,
         )
-    results = build_tuner(job).fit()
+    results = until_interrupted(build_tuner(job).fit)
     rows = trial_rows(results, cfg.train.epochs)
     try:
         best = select_best(rows)
