@@ -147,7 +147,8 @@ class TrainConfig(_Section):
     keep_checkpoints: PositiveInt = 2
     """Best k checkpoints kept by validation accuracy (the latest is always kept)."""
     max_failures: int = Field(3, ge=-1)
-    """Worker failures Ray Train recovers from (from the last checkpoint); -1 = no limit."""
+    """Failures recovered from the last checkpoint, per run: lost workers (Ray Train restarts
+    them) and a trial's lost driver node (Tune reruns the trial, which resumes); -1 = no limit."""
     inject_fault_epoch: PositiveInt | None = None
     """Chaos testing: the last worker dies once, midway through the epoch after this one."""
     compile: bool = False

@@ -32,6 +32,8 @@ from rayvit.logs import quiet_libraries
 
 SWEEP_CSV = "sweep.csv"
 METRIC = "val_accuracy"
+FAILED = "failed"
+"""A trial's last report when Ray Train gave up on its run (the reason)."""
 
 
 def learning_rates(cfg: Config) -> list[float] | None:
@@ -82,12 +84,34 @@ def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
 
 @waits_for_train_controllers
 def _train_driver(config: dict[str, Any], job: Job) -> None:
-    """One Tune trial: fit the job's TorchTrainer at this trial's learning rate."""
+    """One Tune trial: fit the job's TorchTrainer at this trial's learning rate.
+
+    Two layers of fault tolerance meet here. Ray Train restarts lost *workers* from the run's
+    last checkpoint (``train.max_failures``). This driver and the Train controller that Ray Train
+    pins to its node are not covered by that: when their node is lost, Tune sees the trial's
+    actor die and reruns the trial (``tune.FailureConfig``, the same budget); the new driver
+    fits a trainer of the same name in the same storage, and Ray Train resumes it from the
+    checkpoints it finds there. A run that Ray Train itself gave up on (a bug, an unreadable
+    checkpoint, workers lost more often than allowed) would only fail again, so it is reported
+    as a failed trial instead of raised: Tune retries nothing but lost processes and nodes.
+    """
+    from ray.exceptions import RayActorError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     quiet_libraries()
     trial_id = tune.get_context().get_trial_id()
-    job.trainer(float(config["lr"]), trial_id, callbacks=[TuneReportCallback()]).fit()
+    try:
+        job.trainer(float(config["lr"]), trial_id, callbacks=[TuneReportCallback()]).fit()
+    except RayActorError:
+        raise  # the controller's process or node is gone: Tune reruns the trial, which resumes
+    except Exception as exc:
+        # val_accuracy 0 ranks the trial last for the scheduler; `failed` says why.
+        tune.report({"epoch": 0.0, METRIC: 0.0, FAILED: _one_line(exc)})
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
 def build_tuner(job: Job) -> tune.Tuner:
@@ -127,7 +151,9 @@ def build_tuner(job: Job) -> tune.Tuner:
             name=SWEEP_DIR,
             storage_path=job.storage.fs_path(),
             storage_filesystem=fs,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A trial whose driver (and with it its Train controller) lost its node is rerun and
+            # resumes from its last checkpoint; the budget is the one Ray Train has for workers.
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             verbose=0,
         ),
     )
@@ -175,14 +201,21 @@ def trial_rows(results: Any, epochs: int) -> list[TrialRow]:
         df = r.metrics_dataframe
         history = df.to_dict("records") if df is not None and len(df) else []
         diverged = next((str(h["diverged"]) for h in history if isinstance(h.get("diverged"), str)), "")
-        with_val = [h for h in history if isinstance(h.get(METRIC), (int, float)) and not h.get("diverged")]
+        failed = next((str(h[FAILED]) for h in history if isinstance(h.get(FAILED), str)), "")
+        with_val = [
+            h
+            for h in history
+            if isinstance(h.get(METRIC), (int, float))
+            and not h.get("diverged")
+            and not isinstance(h.get(FAILED), str)
+        ]
         with_ckpt = [
             h for h in with_val if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
         ]
         best = max(with_ckpt or with_val, key=lambda h: (h[METRIC], -h["epoch"])) if with_val else None
         done = float(max((h.get("epoch", 0) for h in with_val), default=0))
-        status = "ERROR" if r.error is not None else "DIVERGED" if diverged else "OK"
-        err = str(r.error).strip().splitlines()[-1][:200] if r.error is not None else diverged
+        status = "ERROR" if r.error is not None or failed else "DIVERGED" if diverged else "OK"
+        err = _one_line(r.error) if r.error is not None else failed or diverged
         rows.append(
             TrialRow(
                 trial_id=str((r.metrics or {}).get("trial_id") or r.path.rstrip("/").rsplit("/", 1)[-1]),
