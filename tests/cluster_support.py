@@ -211,3 +211,50 @@ def stop_fake_cluster(temp_dir: Path) -> None:
     line); other Ray clusters on the machine are left alone."""
     kill_processes(cmdline_has(str(temp_dir)))
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(cluster: FakeCluster, entrypoint: str, env: dict[str, str] | None = None) -> str:
+    """Submit ``entrypoint`` through the job API (as ``ray job submit`` does); its id.
+
+    No working_dir: the fake nodes share one session folder, and a node that no longer needs
+    the job's package would delete it under the driver. The project is installed in the
+    environment every node runs.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.api)
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after the dashboard
+        try:
+            job_id: str = client.submit_job(
+                entrypoint=entrypoint, runtime_env={"env_vars": {**S3_ENV, **(env or {})}}
+            )
+            return job_id
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+@dataclass
+class JobRun:
+    """A submitted job once it stopped: its status, logs and wall time on the cluster."""
+
+    status: str
+    logs: str
+    duration_s: float
+
+
+def wait_for_job(cluster: FakeCluster, job_id: str, timeout: float = 900) -> JobRun:
+    """Poll until the job ends (or ``timeout``); its duration is the job API's own
+    start-to-end time, so the polling does not add to it."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.api)
+    deadline = time.time() + timeout
+    info = client.get_job_info(job_id)
+    while time.time() < deadline and not info.status.is_terminal():
+        time.sleep(2)
+        info = client.get_job_info(job_id)
+    end = info.end_time or int(time.time() * 1000)
+    return JobRun(info.status.value, client.get_job_logs(job_id), (end - (info.start_time or end)) / 1000)

@@ -21,6 +21,8 @@ from cluster_support import (
     s3_server,  # noqa: F401  # a fixture
     start_fake_cluster,
     stop_fake_cluster,
+    submit_job,
+    wait_for_job,
 )
 from conftest import ROOT, TINY, run_train_cli
 
@@ -39,8 +41,6 @@ def fake_cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
 
 
 def _submit_and_wait(cluster: FakeCluster, s3: S3Server, timeout: float = 900) -> tuple[str, str]:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     overrides = [o for o in TINY if not o.startswith("ray.")]
     entrypoint = " ".join(
         [
@@ -52,30 +52,10 @@ def _submit_and_wait(cluster: FakeCluster, s3: S3Server, timeout: float = 900) -
             f"storage.endpoint_url={s3.endpoint}",
         ]
     )
-    client = JobSubmissionClient(cluster.api)
-    deadline = time.time() + 120
-    while True:  # the head's job agent comes up a little after the dashboard
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                # No working_dir: the fake nodes share one session folder, and a node that no
-                # longer needs the job's package would delete it under the driver. The project
-                # is installed in the environment every node runs.
-                runtime_env={"env_vars": dict(S3_ENV)},
-            )
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.time() > deadline:
-                raise
-            time.sleep(2)
-    deadline = time.time() + timeout
-    status = client.get_job_status(job_id)
-    while time.time() < deadline and not status.is_terminal():
-        time.sleep(3)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    return job_id, logs
+    job_id = submit_job(cluster, entrypoint)
+    run = wait_for_job(cluster, job_id, timeout)
+    assert run.status == "SUCCEEDED", run.logs[-4000:]
+    return job_id, run.logs
 
 
 def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
