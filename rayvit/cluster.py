@@ -46,14 +46,20 @@ def init_ray(rc: RayConfig) -> None:
             kwargs["object_store_memory"] = rc.object_store_memory
         # Ray Train's placement-group cleaner asks the state API whether its controller lives;
         # without this it may ask another (or a dead) cluster on the same machine. The cluster's
-        # processes inherit this environment.
-        port = _free_port(8265)
+        # processes inherit this environment. A port the OS picks, not Ray's default 8265: two
+        # jobs starting at once would both find 8265 free, and the later dashboard fails to bind.
+        port = _free_port(0)
         kwargs["dashboard_port"] = port
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise UserError(f"ray.address: cannot connect to the Ray cluster: {exc}") from exc
+    except Exception as exc:
+        if kwargs.get("address") != "local":
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"ray: the local Ray cluster did not start: {first}") from exc
     filter_worker_output()
 
 
@@ -158,7 +164,7 @@ def shutdown_ray() -> None:
 
 
 def _free_port(preferred: int) -> int:
-    """``preferred`` when nothing listens there, else a free port the OS picks."""
+    """``preferred`` when nothing listens there, else a free port the OS picks (0: always)."""
     for port in (preferred, 0):
         with socket.socket() as sock:
             try:
