@@ -49,9 +49,8 @@ def _record_ids(loop_config: dict[str, Any]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
-@pytest.mark.parametrize(
-    "streamed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["materialized", "streamed"]
-)
+@pytest.mark.slow  # the everyday tier's 2-worker training run reads the same shards
+@pytest.mark.parametrize("streamed", [False, True], ids=["materialized", "streamed"])
 def test_two_worker_shards_are_disjoint_and_validation_is_seen_once(
     ray_cluster: None, tmp_path: Path, streamed: bool
 ) -> None:

@@ -262,6 +262,7 @@ def _counted(status: int) -> bool:
     return wait_until(lambda: _metric(_metrics_text(), "ray_rayvit_errors_total", *tags) >= 1, 60, 2.0)
 
 
+@pytest.mark.slow
 def test_api_keys_from_a_file_need_a_bearer_key(
     hard: str, tiny_models: Models, tmp_path: Path, cifar_test: tuple[Any, Any]
 ) -> None:

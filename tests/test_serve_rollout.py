@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import requests
 from serve_support import Models, deploy, encode, wait_until
 
@@ -13,6 +14,7 @@ MAX_REQUESTS_PER_CLIENT = 20_000
 MAX_SECONDS = 420
 
 
+@pytest.mark.slow
 def test_model_swap_without_downtime(
     serve_url: str, tiny_models: Models, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:

@@ -56,6 +56,7 @@ def _cache_dir() -> str:
     return tempfile.mkdtemp(prefix="rayvit-cache-")
 
 
+@pytest.mark.slow
 def test_serving_from_a_bucket_matches_the_offline_predictor(
     uri_classifier: str, model_uri: str, tiny_models: Models, cifar_test: tuple[np.ndarray, np.ndarray]
 ) -> None:

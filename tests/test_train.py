@@ -144,6 +144,7 @@ def test_rerun_with_other_settings_names_what_changed(trained_run: Path) -> None
     assert (trained_run / "best" / "metrics.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_once_with_one_line(tmp_path: Path) -> None:
     out = run_train_cli([*TINY, f"output_dir={tmp_path / 'run'}", "train.lr=1e30", "train.grad_clip=null"])
     assert out.returncode == 2, out.stderr[-2000:]
@@ -161,6 +162,7 @@ def test_a_diverging_run_stops_at_once_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "best").exists()
 
 
+@pytest.mark.slow
 def test_worker_fault_resumes_from_checkpoint_not_from_scratch(ray_cluster: None, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "train.epochs=2", "train.inject_fault_epoch=1")
     summary = run_job(cfg)
@@ -183,9 +185,22 @@ def test_worker_fault_resumes_from_checkpoint_not_from_scratch(ray_cluster: None
     ("args", "message"),
     [
         (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
-        (["data.path=/nonexistent/cifar"], "data.path: no such folder: /nonexistent/cifar"),
-        (["scaling.use_gpu=true", "scaling.num_workers=1", "ray.num_cpus=1"], "the Ray cluster has no GPUs"),
-        (["scaling.num_workers=8", "ray.num_cpus=1"], "needs 7.92 CPUs but the Ray cluster has 1"),
+        # these start Ray first (30-60 s each on a busy machine): the full suite checks them
+        pytest.param(
+            ["data.path=/nonexistent/cifar"],
+            "data.path: no such folder: /nonexistent/cifar",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["scaling.use_gpu=true", "scaling.num_workers=1", "ray.num_cpus=1"],
+            "the Ray cluster has no GPUs",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["scaling.num_workers=8", "ray.num_cpus=1"],
+            "needs 7.92 CPUs but the Ray cluster has 1",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
