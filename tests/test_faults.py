@@ -62,8 +62,10 @@ VAL_ACC_TOL = 0.08
 
 @pytest.fixture(scope="module")
 def cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
-    """Room for 3 worker nodes: a trial's two, and one the autoscaler adds for a lost one."""
-    c = start_fake_cluster(worker_cpus=1, max_workers=3, extra_env={**S3_ENV, **FAST_HEALTH_CHECK})
+    """Room for 4 worker nodes: a trial's two, and two more, since the fake provider may still
+    count a killed node against ``max_workers`` while the autoscaler replaces it (seen once: the
+    retried trial's workers then waited for a node that was never launched)."""
+    c = start_fake_cluster(worker_cpus=1, max_workers=4, extra_env={**S3_ENV, **FAST_HEALTH_CHECK})
     try:
         yield c
     finally:
