@@ -28,7 +28,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from rayvit.checkpoint import save_model_folder, write_json
+from rayvit.cluster import free_port
 from rayvit.config import DataConfig, load_config
 from rayvit.data import load_test
 from rayvit.predict import Predictor
@@ -208,12 +208,6 @@ def quick_model(dest: Path) -> Path:
     save_model_folder(build_model(cfg.model, CIFAR10), build_preprocessor(cfg.model), dest)
     write_json(dest / "metrics.json", {"name": "quick-untrained", "note": "benchmark model, not trained"})
     return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

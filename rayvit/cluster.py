@@ -48,7 +48,7 @@ def init_ray(rc: RayConfig) -> None:
         # without this it may ask another (or a dead) cluster on the same machine. The cluster's
         # processes inherit this environment. A port the OS picks, not Ray's default 8265: two
         # jobs starting at once would both find 8265 free, and the later dashboard fails to bind.
-        port = _free_port(0)
+        port = free_port()
         kwargs["dashboard_port"] = port
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
@@ -163,16 +163,11 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
-def _free_port(preferred: int) -> int:
-    """``preferred`` when nothing listens there, else a free port the OS picks (0: always)."""
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise UserError("no free TCP port for the Ray dashboard")
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

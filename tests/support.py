@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+
+from rayvit.cluster import free_port as free_port  # one copy, shared with the job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +30,6 @@ def require_data() -> Path:
     if not (DATA_DIR / "plain_text").is_dir():
         pytest.skip(f"CIFAR-10 copy not found at {DATA_DIR} (set RAYVIT_TEST_DATA)")
     return DATA_DIR
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: The boundary ``multipart`` uses unless told otherwise, and the matching Content-Type.
