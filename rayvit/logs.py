@@ -41,18 +41,18 @@ _RAY_NOTICE_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_gr
 WORKER_SETUP_HOOK = "rayvit.logs.setup_ray_worker"
 
 
-class _RayConsoleFilter(logging.Filter):
-    """Lets through Ray's warnings and errors, not its INFO lines or routine notices."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and not record.getMessage().startswith(_RAY_NOTICES)
-
-
 class _RayNoticeFilter(logging.Filter):
     """Drops Ray's routine notices only (any level passes otherwise)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(_RAY_NOTICES)
+
+
+class _RayConsoleFilter(_RayNoticeFilter):
+    """Lets through Ray's warnings and errors, not its INFO lines or routine notices."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and super().filter(record)
 
 
 _RAY_FILTER = _RayConsoleFilter()
