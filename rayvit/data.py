@@ -462,6 +462,10 @@ def read_dataset(
         batch_size=1,
         fn_kwargs={"source": source, "side": side, "block_rows": per_block},
         num_cpus=cfg.decode_cpus,
+        # No memory reservation: a block is bounded (``MAX_BLOCK_BYTES``), and Ray Data's own
+        # estimate would add a ``memory`` demand that an autoscaler whose node types list no
+        # memory (fake and hand-written ones) can never meet, leaving decode tasks pending.
+        memory=0,
     )
     # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
     # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
