@@ -225,7 +225,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = int(restored.state["epoch"]) + 1
         elapsed_before = float(restored.state.get("elapsed_s", 0.0))
         if rank == 0:
-            say(f"resuming from checkpoint after epoch {restored.state['epoch']}")
+            # The world size may differ from the interrupted run's (an elastic range after a
+            # lost node): the user sees with how many workers training goes on.
+            say(f"resuming from checkpoint after epoch {restored.state['epoch']} on {world} worker(s)")
 
     tracker = None
     if rank == 0 and spec.wandb.mode != "disabled":

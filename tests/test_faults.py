@@ -226,7 +226,9 @@ def test_the_node_of_a_trial_driver_lost_the_job_still_succeeds(
 ) -> None:
     _wait_for_no_worker_nodes(cluster)
     prefix = "faults/driver-node"
-    job_id = _submit(cluster, s3_server, prefix)
+    # An elastic range: the rerun trial goes on with the workers it can place at once (the node
+    # that is left) rather than wait for the autoscaler's new one.
+    job_id = _submit(cluster, s3_server, prefix, "scaling.num_workers=[1,2]")
     _wait_for_epoch(cluster, s3_server, prefix, job_id, 1)
     drivers = _alive(cluster, "TrainController")
     assert len(drivers) == 1, drivers
@@ -235,4 +237,8 @@ def test_the_node_of_a_trial_driver_lost_the_job_still_succeeds(
     _kill_node(victim)
     run = wait_for_job(cluster, job_id)
     _check_finished(run, s3_server, prefix)
-    print(f"\ndriver's node ...{victim[-5:]} killed in epoch 2: job {run.duration_s:.1f}s")
+    resumed = re.findall(r"resuming from checkpoint after epoch 1 on (\d+) worker", run.logs)
+    assert resumed and all(1 <= int(n) <= 2 for n in resumed), run.logs[-4000:]
+    print(
+        f"\ndriver's node ...{victim[-5:]} killed in epoch 2: job {run.duration_s:.1f}s, resumed on {resumed} worker(s)"
+    )
