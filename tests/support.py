@@ -83,3 +83,45 @@ def cmdline_has(marker: str) -> Callable[[int], bool]:
 def in_session(sid: int) -> Callable[[int], bool]:
     """``match`` for ``kill_processes``: the process belongs to session ``sid``."""
     return lambda pid: os.getsid(pid) == sid
+
+
+def write_cifar_imagefolder(dest: Path, split: str, n: int) -> list[tuple[Path, int]]:
+    """The first ``n`` images of a CIFAR-10 split as an imagefolder ``dest/<split>/<class>/<i>.png``
+    (the hub files' own PNG bytes); ``(file, label)`` of each."""
+    import pyarrow.parquet as pq
+
+    (part,) = sorted((require_data() / "plain_text").glob(f"{split}-*.parquet"))
+    table = pq.read_table(part).slice(0, n)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    out = []
+    for i, (image, label) in enumerate(
+        zip(table.column("img").to_pylist(), table.column("label").to_pylist(), strict=True)
+    ):
+        path = dest / split / names[label] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image["bytes"])
+        out.append((path, int(label)))
+    return out
+
+
+def bad_image_files() -> dict[str, bytes]:
+    """One file of each kind the decoder refuses, by file name: corrupt, truncated, not an image,
+    too many pixels, too many JPEG scans."""
+    import io
+
+    from PIL import Image
+    from test_serve_unit import jpeg_scan_bomb
+
+    def encode(image: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        return buf.getvalue()
+
+    png = encode(Image.new("RGB", (64, 64), (200, 10, 10)), "PNG")
+    return {
+        "corrupt.png": png[:40] + bytes(len(png) - 40),
+        "truncated.png": png[: len(png) // 2],
+        "not-an-image.jpg": b"this is a text file, not a JPEG\n" * 10,
+        "pixel-bomb.png": encode(Image.new("1", (6000, 6000)), "PNG"),
+        "scan-bomb.jpg": jpeg_scan_bomb(side=64, repeats=200),
+    }
