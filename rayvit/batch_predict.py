@@ -97,6 +97,36 @@ class BatchConfig(_Section):
     """Ray cluster to run on."""
 
 
+def parse_argv(argv: Sequence[str] | None = None) -> BatchConfig:
+    """``ray_jobs/predict.py``'s command line: the flags, then ``key=value`` for any other key."""
+    import argparse
+
+    from rayvit.config import config_keys
+
+    flags = ("model_dir", "input", "output", "overwrite")
+    keys = "\n".join(
+        f"  {k.key} ({k.type}, default {k.default}): {k.doc}"
+        for k in config_keys(BatchConfig)
+        if k.key not in flags
+    )
+    ap = argparse.ArgumentParser(
+        prog="ray_jobs/predict.py",
+        description="Label images with an exported model on Ray Data.",
+        epilog=f"keys (key=value):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--model-dir", required=True, help="exported model folder or storage URI")
+    ap.add_argument("--input", required=True, help="images: a folder, storage URI or hub data set id")
+    ap.add_argument("--output", required=True, help="folder or storage URI for the Parquet output")
+    ap.add_argument("--overwrite", action="store_true", help="replace another job's output")
+    ap.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. batch_size=128 'concurrency=[1,8]'"
+    )
+    args = ap.parse_args(argv)
+    given = [f"model_dir={args.model_dir}", f"input={args.input}", f"output={args.output}"]
+    return load_batch_config([*given, *(["overwrite=true"] if args.overwrite else []), *args.overrides])
+
+
 def load_batch_config(overrides: Sequence[str]) -> BatchConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -232,9 +262,10 @@ def _write(batch: dict[str, np.ndarray], out: Storage, job: dict[str, Any]) -> d
         np.add.at(cm, (truth[known], pred[known]), 1)
     cols["error"] = pa.array([e or None for e in batch["error"].tolist()], pa.string())
     cols["model"] = pa.array([job["model"]] * n, pa.string())
-    fs = out.filesystem()
-    with fs.open_output_stream(out.fs_path(PREDICTIONS, f"part-{uuid.uuid4().hex}.parquet")) as f:
-        pq.write_table(pa.table(cols), f)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf)
+    # Whole or not at all: renamed into place locally, one PUT on object stores.
+    out.write_bytes(buf.getvalue().to_pybytes(), PREDICTIONS, f"part-{uuid.uuid4().hex}.parquet")
     return {"rows": np.asarray([n]), "errors": np.asarray([int((~good).sum())]), "cm": cm.reshape(1, -1)}
 
 
@@ -329,6 +360,8 @@ class Summary:
     rows: int
     errors: int
     wall_s: float
+    steady_images_per_s: float
+    """After the first results: without the start of actors and the loading of the model."""
     confusion: np.ndarray | None
 
 
@@ -406,15 +439,19 @@ def _stream(ds: Any, total: int, num_labels: int, every_s: float, say: Any) -> S
     rows = errors = 0
     cm = np.zeros((num_labels, num_labels), dtype=np.int64)
     t0 = last = time.monotonic()
+    first: tuple[float, int] | None = None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         rows += int(batch["rows"].sum())
         errors += int(batch["errors"].sum())
         cm += batch["cm"].sum(axis=0).reshape(num_labels, num_labels)
         now = time.monotonic()
+        first = first or (now, rows)
         if now - last >= every_s:
             last = now
             say(f"predicted {rows}/{total} images ({rows / (now - t0):.1f} images/s), {errors} errors")
-    return Summary(rows, errors, time.monotonic() - t0, cm)
+    end = time.monotonic()
+    steady = (rows - first[1]) / (end - first[0]) if first and end > first[0] and rows > first[1] else 0.0
+    return Summary(rows, errors, end - t0, steady, cm)
 
 
 def _report(
@@ -427,6 +464,7 @@ def _report(
         "errors": summary.errors,
         "wall_s": round(summary.wall_s, 2),
         "images_per_s": round(summary.rows / max(summary.wall_s, 1e-9), 1),
+        "steady_images_per_s": round(summary.steady_images_per_s, 1),
         "driver_peak_rss_mib": round(peak_rss_mib(), 1),
         "output": out.root,
     }
