@@ -59,7 +59,8 @@ def ceiling(model_dir: Path, data: str, images: int, batch_size: int, top_k: int
     side = predictor.pre.image_size
     source = open_source(DataConfig(path=data, cache_dir=None))
     units = units_for(source, "test", np.arange(images))
-    t0, seen, pending = time.perf_counter(), 0, []
+    t0, seen = time.perf_counter(), 0
+    pending: list[np.ndarray] = []
     for unit in units:
         for block in decode_unit(unit, source, side, 256, errors=True):
             pending.extend(block["image"])
