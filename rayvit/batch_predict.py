@@ -274,9 +274,12 @@ class Plan:
     source: Source
     units: list[dict[str, str]]
     total: int
+    truth_map: list[int] | None
+    """The model's label index of each of the input's classes; None: no true labels to compare."""
+    note: str = ""
 
 
-def plan_input(cfg: BatchConfig) -> Plan:
+def plan_input(cfg: BatchConfig, labels: tuple[str, ...]) -> Plan:
     data = DataConfig(
         path=cfg.input, image_column=cfg.image_column, label_column=cfg.label_column, cache_dir=cfg.cache_dir
     )
@@ -290,7 +293,11 @@ def plan_input(cfg: BatchConfig) -> Plan:
         units += [{"unit": u, "split": split} for u in units_for(source, split, rows)]
     if not total:
         raise UserError(f"--input: no images in {cfg.input}")
-    return Plan(source, units, total)
+    missing = [c for c in source.class_names if c not in labels]
+    if source.labelled and not missing:
+        return Plan(source, units, total, [labels.index(c) for c in source.class_names])
+    note = f"the input's classes {missing[:5]} are not the model's labels: no accuracy" if missing else ""
+    return Plan(source, units, total, None, note)
 
 
 def cluster_gpus() -> float:
@@ -304,21 +311,12 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     import ray.data
 
     source = plan.source
-    truth_map = [0] * len(source.class_names)
-    if source.labelled:
-        missing = [c for c in source.class_names if c not in model.labels]
-        if missing:
-            raise UserError(
-                f"--input: classes {missing[:5]} of {cfg.input} are not labels of the model "
-                f"({list(model.labels)[:5]}...)"
-            )
-        truth_map = [model.labels.index(c) for c in source.class_names]
     job = {
         "labels": list(model.labels),
         "num_labels": len(model.labels),
-        "labelled": source.labelled,
+        "labelled": plan.truth_map is not None,
         "source_names": list(source.class_names),
-        "truth_map": truth_map,
+        "truth_map": plan.truth_map or [],
         "model": model.fingerprint,
     }
     side = model.side
@@ -418,7 +416,9 @@ def run_batch(cfg: BatchConfig, say: Any = print) -> dict[str, Any]:
     if done is not None:
         say(f"already finished: {out.root} holds this job's {done['rows']} rows (model {model.fingerprint})")
         return done
-    plan = plan_input(cfg)
+    plan = plan_input(cfg, model.labels)
+    if plan.note:
+        say(plan.note)
     say(
         f"predicting {plan.total} images of {cfg.input} ({plan.source.kind}, {len(plan.units)} units) "
         f"with model {model.fingerprint} into {out.root}"
@@ -468,7 +468,7 @@ def _report(
         "driver_peak_rss_mib": round(peak_rss_mib(), 1),
         "output": out.root,
     }
-    if plan.source.labelled and summary.confusion is not None and summary.confusion.sum():
+    if plan.truth_map is not None and summary.confusion is not None and summary.confusion.sum():
         report.update(write_confusion(summary.confusion, list(model.labels), out))
     return report
 

@@ -227,3 +227,16 @@ def _predict_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     """``ray_jobs/predict.py`` in a process (and local cluster) of its own."""
     cmd = [sys.executable, str(ROOT / "ray_jobs" / "predict.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_input_classes_the_model_lacks_mean_predictions_without_accuracy(tmp_path: Path) -> None:
+    from rayvit.batch_predict import plan_input
+
+    args = ["model_dir=m", f"input={_folder_with_bad_files(tmp_path / 'in')}", "output=o"]
+    cfg = load_batch_config(args)
+    plan = plan_input(cfg, ("b", "a", "c"))
+    assert plan.truth_map == [1, 0] and plan.total == 7 and not plan.note  # the model's order
+    other = plan_input(cfg, ("x", "y"))
+    assert other.truth_map is None and "classes ['a', 'b'] are not the model's labels" in other.note
+    with pytest.raises(UserError, match="no 'val' split"):
+        plan_input(load_batch_config([*args, "split=val"]), ("a", "b"))
