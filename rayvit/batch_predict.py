@@ -45,10 +45,6 @@ OUTPUTS = (PREDICTIONS, SUMMARY_FILE, "metrics.json", "confusion.json", "confusi
 #: Bytes of a decoded row besides its pixels (label, index, source, error).
 ROW_OVERHEAD = 256
 MAX_BLOCK_BYTES = 16 * 1024 * 1024
-#: Memory a decode task reserves (one full-size image being decoded and a block): also what
-#: keeps Ray Data from fusing the decode tasks into the model actors, whose remote arguments
-#: would otherwise be equal on a CPU cluster; the model's device never waits on decoding.
-DECODE_MEMORY = 512 * 1024 * 1024
 
 
 class BatchConfig(_Section):
@@ -329,7 +325,10 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
         batch_size=1,
         fn_kwargs={"source": source, "side": side, "block_rows": rows},
         num_cpus=cfg.decode_cpus,
-        memory=DECODE_MEMORY,
+        # Ray's default (a worker runs any number of tasks), named: remote arguments that differ
+        # from the actors' keep Ray Data from fusing decoding into them where both ask for the
+        # same resources (a CPU cluster); the model never waits on decoding.
+        max_calls=0,
     )
     ds = ds.map_batches(
         PredictBatch,
