@@ -83,3 +83,62 @@ def cmdline_has(marker: str) -> Callable[[int], bool]:
 def in_session(sid: int) -> Callable[[int], bool]:
     """``match`` for ``kill_processes``: the process belongs to session ``sid``."""
     return lambda pid: os.getsid(pid) == sid
+
+
+def write_cifar_imagefolder(dest: Path, split: str, n: int) -> list[tuple[Path, int]]:
+    """The first ``n`` images of a CIFAR-10 split as an imagefolder ``dest/<split>/<class>/<i>.png``
+    (the hub files' own PNG bytes); ``(file, label)`` of each."""
+    import pyarrow.parquet as pq
+
+    (part,) = sorted((require_data() / "plain_text").glob(f"{split}-*.parquet"))
+    table = pq.read_table(part).slice(0, n)
+    out = []
+    for i, (image, label) in enumerate(
+        zip(table.column("img").to_pylist(), table.column("label").to_pylist(), strict=True)
+    ):
+        path = dest / split / CIFAR10_CLASSES[label] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image["bytes"])
+        out.append((path, int(label)))
+    return out
+
+
+def bad_image_files() -> dict[str, bytes]:
+    """One file of each kind the decoder refuses, by file name: corrupt, truncated, not an image,
+    too many pixels, too many JPEG scans."""
+    import io
+
+    from PIL import Image
+    from test_serve_unit import jpeg_scan_bomb
+
+    def encode(image: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        return buf.getvalue()
+
+    png = encode(Image.new("RGB", (64, 64), (200, 10, 10)), "PNG")
+    return {
+        "corrupt.png": png[:40] + bytes(len(png) - 40),
+        "truncated.png": png[: len(png) // 2],
+        "not-an-image.jpg": b"this is a text file, not a JPEG\n" * 10,
+        "pixel-bomb.png": encode(Image.new("1", (6000, 6000)), "PNG"),
+        "scan-bomb.jpg": jpeg_scan_bomb(side=64, repeats=200),
+    }
+
+
+#: Class names of CIFAR-10, in label order.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def untrained_model_folder(dest: Path, image_size: int = 32) -> Path:
+    """A tiny ViT for CIFAR-10's classes, built from config (no weights downloaded), exported."""
+    from rayvit.checkpoint import save_model_folder, write_json
+    from rayvit.config import load_config
+    from rayvit.model import build_model, build_preprocessor
+
+    overrides = ["model.pretrained=null", f"model.image_size={image_size}", "model.patch_size=8"]
+    tiny = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_dim=64"]
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [*overrides, *tiny])
+    save_model_folder(build_model(cfg.model, CIFAR10_CLASSES), build_preprocessor(cfg.model), dest)
+    write_json(dest / "metrics.json", {"name": dest.name})
+    return dest

@@ -25,6 +25,9 @@ from cluster_support import (
     wait_for_job,
 )
 from conftest import ROOT, TINY, run_train_cli
+from support import bad_image_files, untrained_model_folder, write_cifar_imagefolder
+
+from rayvit.storage import Storage
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +113,40 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
         time.sleep(3)
     assert not alive, f"worker nodes still up: {[n['node_id'][-5:] for n in alive]}"
     print(f"worker nodes removed {time.time() - t0:.0f}s after the second submission")
+
+
+def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
+    fake_cluster: FakeCluster,
+    s3_server: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``ray_jobs/predict.py`` through the job API: model and images in the bucket, the model
+    actors on worker nodes the autoscaler starts, the predictions back in the bucket."""
+    bucket = Storage.from_setting(f"s3://{s3_server.bucket}/batch", s3_server.endpoint)
+    bucket.upload_dir(untrained_model_folder(tmp_path / "model"), "model")
+    write_cifar_imagefolder(tmp_path / "in", "test", 60)
+    (tmp_path / "in" / "test" / "cat" / "truncated.png").write_bytes(bad_image_files()["truncated.png"])
+    bucket.upload_dir(tmp_path / "in", "in", last=None)
+    entrypoint = " ".join(
+        [
+            f"python {ROOT / 'ray_jobs' / 'predict.py'}",
+            f"--model-dir {bucket.uri('model')} --input {bucket.uri('in')} --output {bucket.uri('out')}",
+            f"endpoint_url={s3_server.endpoint} cache_dir={tmp_path / 'cache'}",
+            "'concurrency=[1,1]' actor_cpus=0.5 decode_cpus=0.5",
+        ]
+    )
+    run = wait_for_job(fake_cluster, submit_job(fake_cluster, entrypoint), timeout=600)
+    assert run.status == "SUCCEEDED", run.logs[-4000:]
+    assert "done: 61 images" in run.logs and "1 errors" in run.logs, run.logs[-2000:]
+    summary = json.loads(s3_server.get("batch/out/summary.json"))
+    assert summary["rows"] == 61 and summary["errors"] == 1 and "accuracy" in summary
+    assert any(k.startswith("batch/out/predictions/part-") for k in s3_server.keys("batch/out/"))
+    (head,) = [n["node_id"] for n in fake_cluster.nodes() if n["is_head_node"]]
+    actors = fake_cluster.actors("MapWorker(MapBatches(PredictBatch))")
+    assert actors and head not in {a["node_id"] for a in actors}, actors
+    print(
+        f"\nbatch prediction on the fake cluster: {run.duration_s:.0f}s, {summary['images_per_s']} images/s"
+    )
 
 
 def test_unreachable_storage_fails_fast_naming_output_dir(tmp_path: Path) -> None:

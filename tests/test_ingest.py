@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,8 @@ def _peak_rss_mb(pid: int) -> float:
 @pytest.mark.slow
 def test_streamed_epoch_on_data_far_larger_than_memory(tmp_path: Path) -> None:
     """300 JPEG photos of up to 2400x1800 px (3.1 GB decoded at full size) train for one epoch
-    on a local cluster with a 96 MiB object store; the driver never holds more than a few
-    hundred MB, whatever the data's size."""
+    on a local cluster with a 96 MiB object store, then batch prediction labels them; neither
+    driver ever holds more than a few hundred MB, whatever the data's size."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -148,20 +149,44 @@ def test_streamed_epoch_on_data_far_larger_than_memory(tmp_path: Path) -> None:
         f"ray.object_store_memory={96 * 1024 * 1024}",
         f"output_dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.Popen(
-        train_cli_argv(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-    )
+    log, peak = _run_measuring_peak_rss(train_cli_argv(args))
+    assert "streamed, decoded every epoch" in log
+    metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
+    assert metrics["data"]["num_train"] == 270 and metrics["data"]["num_test"] == 12
+    # The driver's own imports (torch, Ray, transformers) take about 600 MB; nothing decoded adds to it.
+    assert 0 < peak < 1000, f"driver peak RSS {peak:.0f} MB"
+
+    # Batch prediction of the same 312 photos with the exported model, in the same bounds: the
+    # driver plans from the listing and receives one row of counts per written Parquet file.
+    predict = [
+        sys.executable,
+        str(ROOT / "ray_jobs" / "predict.py"),
+        f"--model-dir={tmp_path / 'run' / 'best'}",
+        f"--input={data}",
+        f"--output={tmp_path / 'labels'}",
+        "ray.num_cpus=3",
+        f"ray.object_store_memory={96 * 1024 * 1024}",
+        "decode_batch_size=16",
+        "batch_size=16",
+        "concurrency=[1,1]",
+    ]
+    log, peak = _run_measuring_peak_rss(predict)
+    summary = json.loads((tmp_path / "labels" / "summary.json").read_text())
+    assert summary["rows"] == 312 and summary["errors"] == 0, log[-3000:]
+    assert 0 < peak < 1000 and summary["driver_peak_rss_mib"] < 1000, f"driver peak RSS {peak:.0f} MB"
+    print(f"\nbatch prediction: driver peak RSS {peak:.0f} MB, {summary['images_per_s']} images/s")
+
+
+def _run_measuring_peak_rss(argv: list[str]) -> tuple[str, float]:
+    """Run a job's command line; its output and the driver's peak RSS (MB), sampled every 0.2 s."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _peak_rss_mb(proc.pid))
         time.sleep(0.2)
     log = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, log[-3000:]
-    assert "streamed, decoded every epoch" in log
-    metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
-    assert metrics["data"]["num_train"] == 270 and metrics["data"]["num_test"] == 12
-    # The driver's own imports (torch, Ray, transformers) take about 600 MB; nothing decoded adds to it.
-    assert 0 < peak < 1000, f"driver peak RSS {peak:.0f} MB"
+    return log, peak
 
 
 def test_ray_data_tasks_decode_the_pixels_the_server_decodes(ray_cluster: None, tmp_path: Path) -> None:

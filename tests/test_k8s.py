@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -185,7 +186,7 @@ def test_rayservice_gpu_replicas_fit_the_worker_group() -> None:
 # ---------------------------------------------------------------- pod templates
 
 
-@pytest.mark.parametrize("name", ["rayjob.yaml", "rayservice.yaml"])
+@pytest.mark.parametrize("name", ["rayjob.yaml", "rayservice.yaml", "rayjob-predict.yaml"])
 def test_pod_templates_validate_as_kubernetes_pod_templates(name: str) -> None:
     manifest = _load(name)
     assert manifest["apiVersion"] == "ray.io/v1"
@@ -210,7 +211,7 @@ def test_storage_manifest_validates_and_every_pod_reads_the_one_bucket_setting()
     assert re.fullmatch(r"(gs|s3)://[\w.-]+(/[\w.-]+)*", storage), storage
     account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    for name in ("rayjob.yaml", "rayservice.yaml"):
+    for name in ("rayjob.yaml", "rayservice.yaml", "rayjob-predict.yaml"):
         text = (K8S / name).read_text()
         assert "gs://" not in text.replace(f"model_dir: {storage}/", ""), (
             f"{name}: the bucket belongs in storage.yaml"
@@ -271,6 +272,36 @@ def test_rayjob_resources_match_the_full_recipe(monkeypatch: pytest.MonkeyPatch)
         load_config(ROOT / "configs" / "train.yaml").output_dir
         == f"{deploy.storage_from_k8s()}/vit-b16-cifar10"
     )
+
+
+# ---------------------------------------------------------------- batch prediction
+
+
+def test_predict_rayjob_is_the_documented_command_and_fits_its_gpu_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rayvit.batch_predict import parse_argv
+
+    manifest = _load("rayjob-predict.yaml")
+    assert manifest["kind"] == "RayJob" and manifest["spec"]["shutdownAfterJobFinishes"] is True
+    entrypoint = manifest["spec"]["entrypoint"]
+    assert entrypoint in documented_job_commands((ROOT / "docs" / "batch.md").read_text())
+    storage = deploy.storage_from_k8s()
+    argv = shlex.split(entrypoint.replace("$RAYVIT_STORAGE", storage))
+    assert argv[:2] == ["python", "ray_jobs/predict.py"] and (ROOT / argv[1]).is_file()
+    cfg = parse_argv(argv[2:])
+    # The model is the one the training job (k8s/rayjob.yaml) exports to the same bucket.
+    monkeypatch.setenv(deploy.STORAGE_ENV, storage)
+    assert cfg.model_dir == load_config(ROOT / "configs" / "train.yaml").output_dir + "/best"
+    assert cfg.input.startswith(storage) and cfg.output.startswith(storage)
+    cluster = _cluster_spec(manifest)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head runs no actor"
+    group, limits = _gpu_group(manifest)
+    gpus, cpus = _quantity(limits["nvidia.com/gpu"]), _quantity(limits["cpu"])
+    assert cfg.num_gpus is not None and 0 < cfg.num_gpus <= gpus
+    per_pod = int(gpus / cfg.num_gpus)
+    assert cfg.concurrency[1] <= per_pod * group["maxReplicas"], "every actor the pool may start fits"
+    assert per_pod * cfg.actor_cpus + cfg.decode_cpus <= cpus, "room for a decode task beside the actors"
 
 
 def test_deploy_cli_errors_name_the_setting(tmp_path: Path) -> None:

@@ -1,0 +1,168 @@
+"""Benchmark: the batch prediction job's images/s next to the in-process ceiling, side by side.
+
+For each model, the same CIFAR-10 test images (an imagefolder of their PNG files) and the same
+batch size:
+
+- job: ``rayvit.batch_predict.run_batch`` on a local Ray cluster: decode tasks, the model actor
+  pool, Parquet written into a temporary folder. Two figures: the whole job (from the first
+  block asked for to the last file written, so with the actors' start and model loading) and
+  its steady state (after the first results came back).
+- ceiling: one process, every core: the same units read and decoded by the same function
+  (``decode_unit``), then ``Predictor.probabilities`` and top-k in batches; nothing written.
+  The model is loaded before the clock starts.
+
+Models: the quick recipe's (``configs/quick.yaml``, 24 px, untrained) on ``--quick-images`` and a
+compute-heavy one, ViT-B/16 at 224 px untrained (``configs/train.yaml`` from scratch), on
+``--heavy-images``. Goal: job >= 0.8x the ceiling (quick) and >= 0.9x (heavy).
+
+Run: ``python bench/batch_predict.py [--data DIR] [--quick-images N] [--heavy-images N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from rayvit.batch_predict import load_batch_config, run_batch
+from rayvit.checkpoint import save_model_folder
+from rayvit.cluster import init_ray
+from rayvit.config import DataConfig, RayConfig, load_config
+from rayvit.logs import quiet_libraries
+from rayvit.model import build_model, build_preprocessor
+from rayvit.predict import Predictor
+from rayvit.readers import decode_unit, open_source, units_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def export(config: str, dest: Path) -> Path:
+    cfg = load_config(ROOT / "configs" / config, ["model.pretrained=null"])
+    torch.manual_seed(0)
+    save_model_folder(build_model(cfg.model, CLASSES), build_preprocessor(cfg.model), dest)
+    return dest
+
+
+def imagefolder(data: str, dest: Path, images: int) -> str:
+    """The first ``images`` CIFAR-10 test images as PNG files, ``test/<class>/<i>.png``: the usual
+    input of batch prediction, read 64 files a decode task."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(data) / "test-00000-of-00001.parquet").slice(0, images)
+    for i, (img, label) in enumerate(
+        zip(table.column("img").to_pylist(), table.column("label").to_pylist(), strict=True)
+    ):
+        path = dest / "test" / CLASSES[label] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(img["bytes"])
+    return str(dest)
+
+
+def ceiling(model_dir: Path, data: str, images: int, batch_size: int, top_k: int) -> float:
+    """Decode + ``Predictor`` in this process: images/s."""
+    predictor = Predictor(model_dir)
+    side = predictor.pre.image_size
+    source = open_source(DataConfig(path=data, cache_dir=None))
+    units = units_for(source, "test", np.arange(images))
+    t0, seen = time.perf_counter(), 0
+    pending: list[np.ndarray] = []
+    for unit in units:
+        for block in decode_unit(unit, source, side, 256, errors=True):
+            pending.extend(block["image"])
+            while len(pending) >= batch_size:
+                batch, pending = pending[:batch_size], pending[batch_size:]
+                predictor.probabilities(batch).topk(top_k, dim=-1)
+                seen += len(batch)
+    if pending:
+        predictor.probabilities(pending).topk(top_k, dim=-1)
+        seen += len(pending)
+    assert seen == images, seen
+    return seen / (time.perf_counter() - t0)
+
+
+def job(
+    model_dir: Path, data: str, images: int, args: argparse.Namespace, out: Path, actor_cpus: float
+) -> Any:
+    cfg = load_batch_config(
+        [
+            f"model_dir={model_dir}",
+            f"input={data}",
+            f"output={out}",
+            "overwrite=true",
+            "split=test",
+            f"limit={images}",
+            f"batch_size={args.batch_size}",
+            "concurrency=[1,1]",
+            f"actor_cpus={actor_cpus}",
+            f"decode_cpus={args.decode_cpus}",
+            f"write_rows={args.batch_size}",  # a progress row per batch: the steady rate is measured finely
+            "progress_s=1000",
+        ]
+    )
+    return run_batch(cfg, say=lambda line: None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10" / "plain_text"))
+    ap.add_argument("--quick-images", type=int, default=10_000)
+    ap.add_argument("--heavy-images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--decode-cpus", type=float, default=0.5)
+    ap.add_argument("--skip-heavy", action="store_true")
+    args = ap.parse_args()
+    quiet_libraries()
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    # Logical CPUs: the model actor takes every core's worth, decode tasks and writers share.
+    init_ray(RayConfig(num_cpus=cores + 2))
+    from rayvit.data import quiet_ray_data
+
+    quiet_ray_data()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [("quick model, 24 px", "quick.yaml", args.quick_images)]
+        if not args.skip_heavy:
+            cases.append(("ViT-B/16, 224 px", "train.yaml", args.heavy_images))
+        for name, config, n in cases:
+            model = export(config, Path(tmp) / config)
+            data = imagefolder(args.data, Path(tmp) / f"images-{n}", n)
+            report = job(model, data, n, args, Path(tmp) / f"out-{config}", actor_cpus=cores)
+            best = ceiling(model, data, n, args.batch_size, 5)
+            rows.append(
+                {
+                    "model": name,
+                    "images": n,
+                    "batch_size": args.batch_size,
+                    "job_images_per_s": round(report["rows"] / report["wall_s"], 2),
+                    "job_steady_images_per_s": report["steady_images_per_s"] or "-",
+                    "ceiling_images_per_s": round(best, 2),
+                    "ratio_whole": round(report["rows"] / report["wall_s"] / best, 3),
+                    "ratio_steady": round(report["steady_images_per_s"] / best, 3) or "-",
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        "\n| model | images | job img/s (whole / steady) | in-process ceiling img/s | ratio (whole / steady) |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['images']} | {r['job_images_per_s']} / {r['job_steady_images_per_s']} | "
+            f"{r['ceiling_images_per_s']} | {r['ratio_whole']} / {r['ratio_steady']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

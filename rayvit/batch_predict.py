@@ -1,0 +1,515 @@
+"""Offline batch prediction on Ray Data: label a folder, a bucket or a data set with an exported model.
+
+The input is read by the training readers (``rayvit.readers``: hub-layout parquet, an imagefolder,
+a flat folder of images, a hub id; local or at a storage URI) and decoded by the one decode path
+(``decode_unit``) in CPU tasks; the model runs in an autoscaling pool of actors
+(``PredictBatch``, a callable class around ``Predictor``), on a GPU each when the cluster has
+them (bf16 there); small CPU tasks write each batch of result rows as a Parquet file under
+``<output>/predictions/`` as it comes. The driver only ever sees one small row of counts per
+written file: progress, and the confusion matrix when the input has labels.
+
+A file that cannot be read or decoded becomes a row with its reason in ``error``; the job goes
+on. Reruns are safe: ``<output>/job.json`` names the model and input the output belongs to; the
+same job finished is not run again, an unfinished one is redone from scratch, another model or
+input is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import resource
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import Field, ValidationError
+
+from rayvit.config import DataConfig, PositiveInt, RayConfig, _Section
+from rayvit.errors import UserError
+from rayvit.readers import Source, decode_unit, open_source, units_for
+from rayvit.storage import Storage, fetch_dir
+
+JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+PREDICTIONS = "predictions"
+#: What a job writes into its output folder (all that ``overwrite`` removes).
+OUTPUTS = (PREDICTIONS, SUMMARY_FILE, "metrics.json", "confusion.json", "confusion.png", JOB_FILE)
+#: Bytes of a decoded row besides its pixels (label, index, source, error).
+ROW_OVERHEAD = 256
+MAX_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+class BatchConfig(_Section):
+    """Settings of one batch prediction job (``key=value`` on the command line)."""
+
+    model_dir: str = Field("", min_length=1)
+    """Exported model folder, local or at a storage URI (``--model-dir``)."""
+    input: str = Field("", min_length=1)
+    """Images to label: an imagefolder, a flat folder of images, hub-layout parquet (local or at a
+    storage URI) or a hub data set id (``--input``)."""
+    output: str = Field("", min_length=1)
+    """Folder or storage URI for the Parquet files, summary and reports (``--output``)."""
+    overwrite: bool = False
+    """Replace what another job wrote to ``output`` (``--overwrite``)."""
+    split: str | None = None
+    """Only this split of the input (e.g. ``test``); null = every split."""
+    limit: PositiveInt | None = None
+    """First N images of each split only; null = all."""
+    batch_size: PositiveInt = 64
+    """Images per model call in an actor."""
+    concurrency: list[PositiveInt] = Field([1, 4], min_length=2, max_length=2)
+    """Smallest and largest number of model actors; Ray Data scales the pool between them."""
+    num_gpus: float | None = Field(None, ge=0.0)
+    """GPUs of one model actor (fractions share a GPU); null = 1 when the cluster has GPUs, else 0."""
+    actor_cpus: float = Field(1.0, ge=0.0)
+    """Logical CPUs of one model actor (its torch threads on a CPU)."""
+    decode_cpus: float = Field(1.0, gt=0.0)
+    """Logical CPUs of one decode task."""
+    decode_batch_size: PositiveInt = 256
+    """Images per block that a decode task yields (at most 16 MiB of them)."""
+    write_rows: PositiveInt = 4096
+    """Result rows per written Parquet file (and per progress update)."""
+    top_k: PositiveInt = 5
+    """Labels and probabilities of the k most probable classes in every row."""
+    image_column: str | None = None
+    """Parquet or hub input: the image column; null = the first ``Image`` feature."""
+    label_column: str | None = None
+    """Parquet or hub input: the label column; null = the first ``ClassLabel`` feature."""
+    cache_dir: str | None = "~/.cache/rayvit"
+    """Where a hub data set and a model from a storage URI are downloaded to."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for ``s3://`` model, input and output (MinIO, a local test server)."""
+    progress_s: float = Field(10.0, gt=0.0)
+    """Seconds between progress lines."""
+    ray: RayConfig = RayConfig()
+    """Ray cluster to run on."""
+
+
+def parse_argv(argv: Sequence[str] | None = None) -> BatchConfig:
+    """``ray_jobs/predict.py``'s command line: the flags, then ``key=value`` for any other key."""
+    import argparse
+
+    from rayvit.config import config_keys
+
+    flags = ("model_dir", "input", "output", "overwrite")
+    keys = "\n".join(
+        f"  {k.key} ({k.type}, default {k.default}): {k.doc}"
+        for k in config_keys(BatchConfig)
+        if k.key not in flags
+    )
+    ap = argparse.ArgumentParser(
+        prog="ray_jobs/predict.py",
+        description="Label images with an exported model on Ray Data.",
+        epilog=f"keys (key=value):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--model-dir", required=True, help="exported model folder or storage URI")
+    ap.add_argument("--input", required=True, help="images: a folder, storage URI or hub data set id")
+    ap.add_argument("--output", required=True, help="folder or storage URI for the Parquet output")
+    ap.add_argument("--overwrite", action="store_true", help="replace another job's output")
+    ap.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. batch_size=128 'concurrency=[1,8]'"
+    )
+    args = ap.parse_args(argv)
+    given = [f"model_dir={args.model_dir}", f"input={args.input}", f"output={args.output}"]
+    return load_batch_config([*given, *(["overwrite=true"] if args.overwrite else []), *args.overrides])
+
+
+def load_batch_config(overrides: Sequence[str]) -> BatchConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' must look like key=value (e.g. batch_size=128)")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"cannot read overrides: {exc}") from exc
+    try:
+        return BatchConfig.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            match = difflib.get_close_matches(key, list(BatchConfig.model_fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise UserError(f"unknown key '{key}'{hint}") from None
+        raise UserError(f"invalid value for '{key}': {e['msg']} (got {e.get('input')!r})") from None
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver knows of the model without loading it."""
+
+    path: Path
+    """The local copy (a storage URI's is downloaded once a node)."""
+    labels: tuple[str, ...]
+    side: int
+    fingerprint: str
+    """The first 16 hex digits of the weights' SHA-256."""
+
+
+def model_info(cfg: BatchConfig) -> ModelInfo:
+    from rayvit.checkpoint import PROCESSOR_FILE, check_model_folder
+    from rayvit.preprocess import Preprocessor
+
+    path = check_model_folder(fetch_dir(cfg.model_dir, cfg.cache_dir or "~/.cache/rayvit", cfg.endpoint_url))
+    config = json.loads((path / "config.json").read_text())
+    labels = tuple(config["id2label"][str(i)] for i in range(len(config["id2label"])))
+    side = Preprocessor.from_processor_config(json.loads((path / PROCESSOR_FILE).read_text())).image_size
+    digest = hashlib.sha256()
+    with (path / "model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return ModelInfo(path, labels, side, digest.hexdigest()[:16])
+
+
+class PredictBatch:
+    """The model actor of the pool: a ``Predictor`` on this actor's device (its GPU, if given
+    one; bf16 there), turning blocks of decoded images into result rows."""
+
+    def __init__(self, model_dir: str, cache_dir: str, endpoint_url: str | None, top_k: int) -> None:
+        from rayvit.predict import Predictor
+
+        self.predictor = Predictor(fetch_dir(model_dir, cache_dir, endpoint_url))
+        self.k = max(1, min(top_k, len(self.predictor.labels)))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["index"])
+        ok = np.flatnonzero(batch["error"] == "")
+        pred = np.full(n, -1, dtype=np.int64)
+        top_i = np.zeros((n, self.k), dtype=np.int64)
+        top_p = np.zeros((n, self.k), dtype=np.float32)
+        if len(ok):
+            images = batch["image"][ok]
+            probs = self.predictor.probabilities(list(images))
+            values, indices = probs.topk(self.k, dim=-1)
+            top_i[ok], top_p[ok] = indices.numpy(), values.numpy()
+            pred[ok] = top_i[ok, 0]
+        return {
+            "source": batch["source"],
+            "split": batch["split"],
+            "index": batch["index"],
+            "true": batch["label"],
+            "pred": pred,
+            "top_i": top_i,
+            "top_p": top_p,
+            "error": batch["error"],
+        }
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+
+
+def _decode(
+    batch: dict[str, np.ndarray], source: Source, side: int, block_rows: int
+) -> Iterator[dict[str, Any]]:
+    """The decode tasks' function: one unit in, blocks of images (or error rows) out."""
+    for unit, split in zip(batch["unit"], batch["split"], strict=True):
+        for block in decode_unit(str(unit), source, side, block_rows, errors=True):
+            block["split"] = np.full(len(block["index"]), str(split), dtype=object)
+            yield block
+
+
+def _write(batch: dict[str, np.ndarray], out: Storage, job: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The write tasks' function: one Parquet file of result rows, and one row of counts back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = np.asarray(job["labels"], dtype=object)
+    truth_map = np.asarray(job["truth_map"], dtype=np.int64)
+    n, k = len(batch["index"]), job["num_labels"]
+    good = batch["error"] == ""
+    pred = batch["pred"]
+    cols: dict[str, Any] = {
+        "source": pa.array(batch["source"].tolist(), pa.string()),
+        "split": pa.array(batch["split"].tolist(), pa.string()),
+        "index": pa.array(batch["index"], pa.int64()),
+        "label": pa.array([labels[p] if g else None for p, g in zip(pred, good, strict=True)], pa.string()),
+        "probability": pa.array(
+            [float(p[0]) if g else None for p, g in zip(batch["top_p"], good, strict=True)], pa.float32()
+        ),
+        "top_labels": pa.array(
+            [labels[i].tolist() if g else None for i, g in zip(batch["top_i"], good, strict=True)],
+            pa.list_(pa.string()),
+        ),
+        "top_probabilities": pa.array(
+            [p.tolist() if g else None for p, g in zip(batch["top_p"], good, strict=True)],
+            pa.list_(pa.float32()),
+        ),
+    }
+    cm = np.zeros((k, k), dtype=np.int64)
+    if job["labelled"]:
+        truth = np.where(batch["true"] >= 0, truth_map[np.maximum(batch["true"], 0)], -1)
+        names = [job["source_names"][t] if t >= 0 else None for t in batch["true"]]
+        cols["true_label"] = pa.array(names, pa.string())
+        known = good & (truth >= 0)
+        correct = [bool(t == p) if g else None for t, p, g in zip(truth, pred, known, strict=True)]
+        cols["correct"] = pa.array(correct, pa.bool_())
+        np.add.at(cm, (truth[known], pred[known]), 1)
+    cols["error"] = pa.array([e or None for e in batch["error"].tolist()], pa.string())
+    cols["model"] = pa.array([job["model"]] * n, pa.string())
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf)
+    # Whole or not at all: renamed into place locally, one PUT on object stores.
+    out.write_bytes(buf.getvalue().to_pybytes(), PREDICTIONS, f"part-{uuid.uuid4().hex}.parquet")
+    return {"rows": np.asarray([n]), "errors": np.asarray([int((~good).sum())]), "cm": cm.reshape(1, -1)}
+
+
+@dataclass
+class Plan:
+    source: Source
+    units: list[dict[str, str]]
+    total: int
+    truth_map: list[int] | None
+    """The model's label index of each of the input's classes; None: no true labels to compare."""
+    note: str = ""
+
+
+def plan_input(cfg: BatchConfig, labels: tuple[str, ...]) -> Plan:
+    data = DataConfig(
+        path=cfg.input, image_column=cfg.image_column, label_column=cfg.label_column, cache_dir=cfg.cache_dir
+    )
+    source = open_source(data, cfg.endpoint_url, unlabelled=True)
+    splits = [cfg.split] if cfg.split else sorted(source.splits)
+    units, total = [], 0
+    for split in splits:
+        n = source.split(split).num_rows
+        rows = np.arange(min(n, cfg.limit or n))
+        total += len(rows)
+        units += [{"unit": u, "split": split} for u in units_for(source, split, rows)]
+    if not total:
+        raise UserError(f"--input: no images in {cfg.input}")
+    missing = [c for c in source.class_names if c not in labels]
+    if source.labelled and not missing:
+        return Plan(source, units, total, [labels.index(c) for c in source.class_names])
+    note = f"the input's classes {missing[:5]} are not the model's labels: no accuracy" if missing else ""
+    return Plan(source, units, total, None, note)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) -> Any:
+    """The lazy Ray Data pipeline: decode tasks -> model actors -> write tasks -> counts."""
+    import ray.data
+
+    source = plan.source
+    job = {
+        "labels": list(model.labels),
+        "num_labels": len(model.labels),
+        "labelled": plan.truth_map is not None,
+        "source_names": list(source.class_names),
+        "truth_map": plan.truth_map or [],
+        "model": model.fingerprint,
+    }
+    side = model.side
+    rows = max(1, min(cfg.decode_batch_size, MAX_BLOCK_BYTES // (side * side * 3 + ROW_OVERHEAD)))
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+    decode: Any = _decode
+    items = ray.data.from_items(plan.units, override_num_blocks=max(1, len(plan.units)))
+    ds = items.map_batches(
+        decode,
+        batch_size=1,
+        fn_kwargs={"source": source, "side": side, "block_rows": rows},
+        num_cpus=cfg.decode_cpus,
+        # No memory reservation, as training's decode tasks (``read_dataset``): Ray Data's own
+        # estimate leaves tasks pending on an autoscaler whose node types list no memory. Being
+        # a remote argument the actors do not have, it also keeps Ray Data from fusing decoding
+        # into them where both ask for the same CPUs: the model never waits on decoding.
+        memory=0,
+    )
+    ds = ds.map_batches(
+        PredictBatch,
+        batch_size=cfg.batch_size,
+        fn_constructor_kwargs={
+            "model_dir": cfg.model_dir,
+            "cache_dir": cfg.cache_dir or "~/.cache/rayvit",
+            "endpoint_url": cfg.endpoint_url,
+            "top_k": cfg.top_k,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
+        num_cpus=cfg.actor_cpus,
+        num_gpus=num_gpus,
+    )
+    write: Any = _write
+    ds = ds.map_batches(
+        write, batch_size=cfg.write_rows, fn_kwargs={"out": out, "job": job}, num_cpus=0.25, memory=0
+    )
+    ds.context.target_max_block_size = rows * (side * side * 3 + ROW_OVERHEAD)
+    # Ray Data's high-memory warning compares a task's whole process (torch included) with the
+    # reservation, which these tasks leave out on purpose.
+    ds.context.issue_detectors_config.detectors = [
+        d for d in ds.context.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
+    ]
+    return ds
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    rows: int
+    errors: int
+    wall_s: float
+    steady_images_per_s: float
+    """After the first results: without the start of actors and the loading of the model."""
+    confusion: np.ndarray | None
+
+
+def _claim_output(cfg: BatchConfig, out: Storage, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Make ``output`` this job's: the finished summary when this job already ran to the end,
+    else None once the output holds nothing of another job (refused unless ``overwrite``)."""
+    if out.is_file(JOB_FILE):
+        before = json.loads(out.read_text(JOB_FILE))
+        differs = [k for k in ("model", "input", "split", "limit") if before.get(k) != job[k]]
+        if differs and not cfg.overwrite:
+            what = ", ".join(f"{k} {before.get(k)!r}" for k in differs)
+            raise UserError(
+                f"--output: {out.root} holds predictions of another job ({what}); "
+                "give another --output, or --overwrite to replace them"
+            )
+        if not differs and out.is_file(SUMMARY_FILE):
+            done: dict[str, Any] = json.loads(out.read_text(SUMMARY_FILE))
+            return done
+    elif out.exists() and not cfg.overwrite and _holds_files(out):
+        raise UserError(
+            f"--output: {out.root} is not empty and holds no batch predictions; "
+            "give an empty or new folder, or --overwrite"
+        )
+    for name in OUTPUTS:
+        out.delete(name)
+    out.check_writable()
+    out.filesystem().create_dir(out.fs_path(PREDICTIONS), recursive=True)
+    out.write_text(json.dumps(job, indent=2) + "\n", JOB_FILE)
+    return None
+
+
+def _holds_files(out: Storage) -> bool:
+    import pyarrow.fs as pafs
+
+    infos = out.filesystem().get_file_info(pafs.FileSelector(out.fs_path(), recursive=False))
+    return bool(infos)
+
+
+def run_batch(cfg: BatchConfig, say: Any = print) -> dict[str, Any]:
+    """Run the job on the configured (or ambient) Ray cluster; its summary."""
+    from rayvit.cluster import init_ray
+    from rayvit.data import quiet_ray_data
+
+    out = Storage.from_setting(cfg.output, cfg.endpoint_url, key="--output")
+    model = model_info(cfg)
+    job = {
+        "model": model.fingerprint,
+        "model_dir": cfg.model_dir,
+        "input": cfg.input,
+        "split": cfg.split,
+        "limit": cfg.limit,
+    }
+    done = _claim_output(cfg, out, job)
+    if done is not None:
+        say(f"already finished: {out.root} holds this job's {done['rows']} rows (model {model.fingerprint})")
+        return done
+    plan = plan_input(cfg, model.labels)
+    if plan.note:
+        say(plan.note)
+    say(
+        f"predicting {plan.total} images of {cfg.input} ({plan.source.kind}, {len(plan.units)} units) "
+        f"with model {model.fingerprint} into {out.root}"
+    )
+    init_ray(cfg.ray)
+    quiet_ray_data()
+    summary = _stream(
+        build_dataset(cfg, plan, model, out), plan.total, len(model.labels), cfg.progress_s, say
+    )
+    report = _report(summary, plan, model, out, job)
+    out.write_text(json.dumps(report, indent=2) + "\n", SUMMARY_FILE)
+    say(_summary_line(report))
+    return report
+
+
+def _stream(ds: Any, total: int, num_labels: int, every_s: float, say: Any) -> Summary:
+    """Run the pipeline; the driver sees only one small row of counts per written file."""
+    rows = errors = 0
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    t0 = last = time.monotonic()
+    first: tuple[float, int] | None = None
+    parts = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        parts += 1
+        rows += int(batch["rows"].sum())
+        errors += int(batch["errors"].sum())
+        cm += batch["cm"].sum(axis=0).reshape(num_labels, num_labels)
+        now = time.monotonic()
+        first = first or (now, rows)
+        if now - last >= every_s:
+            last = now
+            say(f"predicted {rows}/{total} images ({rows / (now - t0):.1f} images/s), {errors} errors")
+    end = time.monotonic()
+    # A rate after the first results needs a few more of them (0: not measured).
+    steady = (rows - first[1]) / (end - first[0]) if first and parts > 3 and end > first[0] else 0.0
+    return Summary(rows, errors, end - t0, steady, cm)
+
+
+def _report(
+    summary: Summary, plan: Plan, model: ModelInfo, out: Storage, job: dict[str, Any]
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        **job,
+        "rows": summary.rows,
+        "predicted": summary.rows - summary.errors,
+        "errors": summary.errors,
+        "wall_s": round(summary.wall_s, 2),
+        "images_per_s": round(summary.rows / max(summary.wall_s, 1e-9), 1),
+        "steady_images_per_s": round(summary.steady_images_per_s, 2),
+        "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+        "output": out.root,
+    }
+    if plan.truth_map is not None and summary.confusion is not None and summary.confusion.sum():
+        report.update(write_confusion(summary.confusion, list(model.labels), out))
+    return report
+
+
+def write_confusion(cm: np.ndarray, labels: list[str], out: Storage) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and the confusion matrix (JSON + PNG), as the test evaluation
+    reports them."""
+    import tempfile
+
+    from rayvit.evaluate import class_accuracy
+    from rayvit.plots import plot_confusion
+
+    accuracy, per_class = class_accuracy(cm, labels)
+    metrics = {"accuracy": accuracy, "evaluated": int(cm.sum()), "per_class_accuracy": per_class}
+    out.write_text(json.dumps(metrics, indent=2) + "\n", "metrics.json")
+    out.write_text(json.dumps({"labels": labels, "matrix": cm.tolist()}) + "\n", "confusion.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_confusion(cm, labels, Path(tmp) / "confusion.png", "batch prediction confusion matrix")
+        out.write_bytes(png.read_bytes(), "confusion.png")
+    return {"accuracy": accuracy}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    acc = f", accuracy {report['accuracy']:.4f}" if "accuracy" in report else ""
+    return (
+        f"done: {report['rows']} images in {report['wall_s']:.1f}s ({report['images_per_s']} images/s), "
+        f"{report['errors']} errors{acc}; driver peak RSS {report['driver_peak_rss_mib']:.0f} MiB; "
+        f"predictions in {report['output']}/{PREDICTIONS}"
+    )
