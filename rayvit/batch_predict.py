@@ -306,6 +306,8 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     """The lazy Ray Data pipeline: decode tasks -> model actors -> write tasks -> counts."""
     import ray.data
 
+    from rayvit.data import no_memory_warnings
+
     source = plan.source
     job = {
         "labels": list(model.labels),
@@ -349,11 +351,7 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
         write, batch_size=cfg.write_rows, fn_kwargs={"out": out, "job": job}, num_cpus=0.25, memory=0
     )
     ds.context.target_max_block_size = rows * (side * side * 3 + ROW_OVERHEAD)
-    # Ray Data's high-memory warning compares a task's whole process (torch included) with the
-    # reservation, which these tasks leave out on purpose.
-    ds.context.issue_detectors_config.detectors = [
-        d for d in ds.context.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
-    ]
+    no_memory_warnings(ds)
     return ds
 
 

@@ -121,13 +121,20 @@ def read_dataset(
         # process (torch included) with that reservation, so it is left out for these tasks.
         memory=0,
     )
-    ds.context.issue_detectors_config.detectors = [
-        d for d in ds.context.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
-    ]
+    no_memory_warnings(ds)
     # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
     # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
     ds.context.target_max_block_size = per_block * (side * side * 3 + ROW_OVERHEAD)
     return ds
+
+
+def no_memory_warnings(ds: Any) -> None:
+    """Leave out Ray Data's high-memory warning for ``ds``'s tasks, which reserve no memory on
+    purpose (``memory=0``): it compares a task's whole process (torch included) with that
+    reservation."""
+    ds.context.issue_detectors_config.detectors = [
+        d for d in ds.context.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
+    ]
 
 
 def block_rows(cfg: DataConfig, side: int) -> int:
