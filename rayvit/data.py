@@ -538,6 +538,30 @@ class SplitPlan:
         return decode_here(self.source, self.split, self.rows, self.side, block_rows(cfg, self.side))
 
 
+def label_counts(plan: SplitPlan) -> np.ndarray:
+    """Images per class among the plan's rows, from the label column alone (no image is read):
+    what ``train.class_weights: balanced`` weighs the loss by."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source, files = plan.source, plan.source.split(plan.split)
+    if source.kind == "imagefolder":
+        labels = np.asarray(files.labels, dtype=np.int64)
+    else:
+        fs, parts = source.storage.filesystem(), []
+        for path in dict.fromkeys(u[0] for u in files.units):  # files in row order
+            if source.kind == "parquet":
+                with fs.open_input_file(path) as f:
+                    parts.append(pq.read_table(f, columns=[source.label_column]).column(0).to_numpy())
+            else:
+                _download_here(path, source)
+                with pa.memory_map(path) as mm:
+                    table = pa.ipc.open_stream(mm).read_all()
+                parts.append(table.column(source.label_column).to_numpy())
+        labels = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return np.bincount(labels[plan.rows], minlength=len(source.class_names))
+
+
 def plan_train_val(
     cfg: DataConfig, seed: int, side: int, endpoint_url: str | None = None
 ) -> tuple[SplitPlan, SplitPlan, tuple[str, ...]]:
