@@ -87,8 +87,9 @@ ArchValue = int | float | bool | str | list[int] | list[float] | list[str] | Non
 class ModelConfig(_Section):
     pretrained: str | None = "google/vit-base-patch16-224-in21k"
     """Anything ``AutoModelForImageClassification`` loads: a hub id (``facebook/convnext-tiny-224``,
-    ``timm/resnet18.a1_in1k`` with the ``timm`` extra), a local folder; null = build untrained
-    from ``model_type`` and ``arch``."""
+    ``timm/resnet18.a1_in1k`` with the ``timm`` extra), a local folder, or a storage URI of an
+    exported model (an earlier run's ``best/``); null = build untrained from ``model_type`` and
+    ``arch``."""
     model_type: str = Field("vit", min_length=1)
     """transformers model type of an untrained build (``vit``, ``deit``, ``convnext``,
     ``resnet``, ``swin``, ...; any with an image-classification head)."""

@@ -12,6 +12,7 @@ image-classification head works the same way.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rayvit.config import ModelConfig
 from rayvit.errors import UserError
 from rayvit.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocessor
+from rayvit.storage import fetch_dir, is_uri
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -93,6 +95,15 @@ def architecture_config(cfg: ModelConfig, num_labels: int = 2) -> PreTrainedConf
     return arch
 
 
+def pretrained_source(pretrained: str) -> str:
+    """A hub id or local folder as it is; a storage URI (``s3://``, ``gs://``: an exported model,
+    e.g. an earlier run's ``best/``) as this node's cached copy of it."""
+    if not is_uri(pretrained):
+        return pretrained
+    cache = os.environ.get("RAYVIT_CACHE", "~/.cache/rayvit")
+    return str(fetch_dir(pretrained, cache, key="model.pretrained"))
+
+
 def build_model(cfg: ModelConfig, class_names: list[str]) -> PreTrainedModel:
     """``from_pretrained`` with a fresh head, or a fresh model from ``model_type`` + ``arch``."""
     from transformers import AutoModelForImageClassification
@@ -110,7 +121,7 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> PreTrainedModel:
             raise UserError(f"model: cannot build '{cfg.model_type}': {_first_line(exc)}") from exc
     try:
         loaded: PreTrainedModel = AutoModelForImageClassification.from_pretrained(
-            cfg.pretrained,
+            pretrained_source(cfg.pretrained),
             num_labels=len(class_names),
             id2label=id2label,
             label2id=label2id,
@@ -159,7 +170,7 @@ def build_preprocessor(cfg: ModelConfig) -> Preprocessor:
     std: tuple[float, ...] = DEFAULT_STD
     base = Preprocessor(cfg.image_size)
     if cfg.pretrained is not None:
-        proc = _pretrained_processor(cfg.pretrained)
+        proc = _pretrained_processor(pretrained_source(cfg.pretrained))
         if proc:
             base = Preprocessor.from_processor_config(proc)
             mean, std = base.mean, base.std

@@ -166,14 +166,17 @@ def test_rerun_resumes_and_skips_finished_trials(sweep_run: dict[str, Any]) -> N
 def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Path) -> None:
     cfg = tiny_config(
         tmp_path,
-        "tune.lrs=[1e-3,2e-3]",
+        # Optuna's TPE through OptunaSearch: a real sweep of its proposals, at no extra cost
+        "tune.search_alg=optuna",
+        "tune.num_samples=2",
+        "tune.search_space.train.lr.choice=[1e-3,2e-3]",
         "train.epochs=2",
         "train.inject_fault_epoch=1",
         "train.max_failures=0",
         "tune.grace_period=2",  # ASHA must not stop a trial before its fault in epoch 2
         "scaling.num_workers=1",
     )
-    with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.001\)"):
+    with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.00[12]\)"):
         sweep.run_job(cfg)
     rows = _rows(Path(cfg.output_dir) / "sweep.csv")
     assert len(rows) == 2 and all(r["status"] == "ERROR" for r in rows)
