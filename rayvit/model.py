@@ -36,23 +36,14 @@ class Family:
     """``model.arch`` of a model small enough for a unit test (at 32 px)."""
 
 
+#: A tiny encoder in the names the ViT-like families share.
+_TINY_ENCODER: dict[str, Any] = dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
 FAMILIES: dict[str, Family] = {
-    "vit": Family(
-        "ViTForImageClassification",
-        dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    ),
-    "deit": Family(
-        "DeiTForImageClassification",
-        dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    ),
-    "beit": Family(
-        "BeitForImageClassification",
-        dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    ),
-    "dinov2": Family(
-        "Dinov2ForImageClassification",
-        dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2),
-    ),
+    "vit": Family("ViTForImageClassification", {**_TINY_ENCODER, "intermediate_size": 64}),
+    "deit": Family("DeiTForImageClassification", {**_TINY_ENCODER, "intermediate_size": 64}),
+    "beit": Family("BeitForImageClassification", {**_TINY_ENCODER, "intermediate_size": 64}),
+    "dinov2": Family("Dinov2ForImageClassification", {**_TINY_ENCODER, "mlp_ratio": 2}),
     "swin": Family(
         "SwinForImageClassification",
         dict(patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
