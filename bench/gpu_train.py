@@ -40,8 +40,8 @@ def model_overrides(model: str | None) -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     if model in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        return ["model.pretrained=null", f"model.model_type={model}"]
-    return [f"model.pretrained={model}"]
+        return ["model.pretrained=null", f"model.model_type={model}", "model.attn_implementation=auto"]
+    return [f"model.pretrained={model}", "model.attn_implementation=auto"]
 
 
 def measure(

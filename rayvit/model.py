@@ -109,7 +109,10 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> PreTrainedModel:
             )
             return built
         except ValueError as exc:  # e.g. an attention kernel the family does not have
-            raise UserError(f"model: cannot build '{cfg.model_type}': {_first_line(exc)}") from exc
+            reason = _first_line(exc).split(". ")[0]
+            raise UserError(
+                f"model: cannot build '{cfg.model_type}': {reason} (model.attn_implementation=auto fits any family)"
+            ) from exc
     try:
         loaded: PreTrainedModel = AutoModelForImageClassification.from_pretrained(
             pretrained_source(cfg.pretrained),

@@ -205,6 +205,15 @@ def test_search_space_accepts_any_key_with_typed_values() -> None:
     assert trial_count(cfg) == 6 and is_sweep(cfg)  # 2 grid points x 3 samples
     optuna = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"search_alg": "optuna"})})
     assert trial_count(optuna) == 3
+    # the concurrency limit holds with either searcher: the variant generator's own, or Tune's
+    # ConcurrencyLimiter around a Searcher (Optuna's)
+    from ray.tune.search import BasicVariantGenerator, Searcher
+
+    from tuning.sweep import search_alg
+
+    grid = search_alg(cfg, 2)
+    assert isinstance(grid, BasicVariantGenerator) and grid.max_concurrent == 2
+    assert isinstance(search_alg(optuna, 2), Searcher)
     trial = with_overrides(cfg, {"train.lr": np.float64(3e-4), "model.arch.hidden_size": np.int64(64)})
     assert trial.train.lr == 3e-4 and trial.model.arch["hidden_size"] == 64
     assert type(trial.model.arch["hidden_size"]) is int

@@ -27,6 +27,7 @@ import ray
 import ray.train
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 
 from rayvit.checkpoint import METRICS_FILE
 from rayvit.cli import until_interrupted
@@ -84,8 +85,10 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def search_alg(cfg: Config) -> Any:
-    """The searcher: Tune's variant generator (grid, random) or Optuna's TPE, seeded."""
+def search_alg(cfg: Config, concurrent: int) -> Any:
+    """The searcher, seeded: Tune's variant generator (grid, random), which holds the concurrency
+    limit itself, or Optuna's TPE (which ``TuneConfig.max_concurrent_trials`` wraps in a
+    ``ConcurrencyLimiter``)."""
     if cfg.tune.search_alg == "optuna" and search_space(cfg):
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -94,7 +97,7 @@ def search_alg(cfg: Config) -> Any:
         return OptunaSearch(seed=cfg.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.seed)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
 
 
 def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
@@ -163,6 +166,8 @@ def build_tuner(job: Job) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(_train_driver, job=job), {"CPU": cfg.tune.driver_cpus}
     )
+    concurrent = max_concurrent_trials(cfg, job.placement)
+    searcher = search_alg(cfg, concurrent)
     fs, path = job.storage.filesystem(), job.storage.fs_path(SWEEP_DIR)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"resuming from {job.storage.uri(SWEEP_DIR)}", flush=True)
@@ -173,10 +178,11 @@ def build_tuner(job: Job) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric,
             mode=cfg.tune.resolved_mode,
-            search_alg=search_alg(cfg),
+            search_alg=searcher,
             scheduler=scheduler,
             num_samples=samples(cfg),
-            max_concurrent_trials=max_concurrent_trials(cfg, job.placement),
+            # Only a Searcher takes Tune's limit; the variant generator holds its own.
+            max_concurrent_trials=concurrent if isinstance(searcher, Searcher) else None,
         ),
         run_config=tune.RunConfig(
             name=SWEEP_DIR,
