@@ -118,7 +118,7 @@ def main() -> None:
     rate, n = (0.0, 0) if args.skip_decode else decode_throughput(load_config(quick, base))
     cfg = load_config(quick, [*base, f"data.train_limit={args.images}", "data.val_limit=1", *args.overrides])
     train, val, names = plan_train_val(cfg.data, cfg.seed, cfg.model.image_size)
-    train_data, _, _ = datasets(cfg, train, val)
+    train_data, _, streamed = datasets(cfg, train, val)
     arrays = train.arrays(cfg.data)
     from ray import cloudpickle
     from ray.train.torch import TorchTrainer
@@ -137,7 +137,7 @@ def main() -> None:
             num_workers=2, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
         ),
         datasets={TRAIN: train_data},
-        dataset_config=Ingest(),
+        dataset_config=Ingest(streamed=streamed),
         run_config=ray.train.RunConfig(storage_path=str(out / "bench")),
     ).fit()
     ray.shutdown()

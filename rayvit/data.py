@@ -462,7 +462,16 @@ def read_dataset(
         batch_size=1,
         fn_kwargs={"source": source, "side": side, "block_rows": per_block},
         num_cpus=cfg.decode_cpus,
+        # No memory reservation: a block is bounded (``MAX_BLOCK_BYTES``), and the demand Ray
+        # Data would add from its own estimate is one that an autoscaler whose node types list
+        # no memory (a hand-written or local provider's) never meets: decode tasks that need a
+        # new node then wait forever. Ray Data's high-memory warning compares a task's whole
+        # process (torch included) with that reservation, so it is left out for these tasks.
+        memory=0,
     )
+    ds.context.issue_detectors_config.detectors = [
+        d for d in ds.context.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
+    ]
     # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
     # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
     ds.context.target_max_block_size = per_block * (side * side * 3 + ROW_OVERHEAD)

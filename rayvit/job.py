@@ -30,7 +30,7 @@ from rayvit.model import build_preprocessor
 from rayvit.preprocess import Preprocessor
 from rayvit.storage import COMPLETE_MARKER, Storage
 from rayvit.tracking import resolve_mode
-from rayvit.train_loop import TRAIN, VAL, WandbSpec, WorkerSpec, train_loop_per_worker
+from rayvit.train_loop import TRAIN, VAL, WandbSpec, WorkerSpec, registered_epoch, train_loop_per_worker
 
 BEST_DIR = "best"
 TRIALS_DIR = "trials"
@@ -110,7 +110,7 @@ class Job:
             train_loop_per_worker,
             train_loop_config={"spec": spec},
             datasets={TRAIN: self.train_data, VAL: self.val_data},
-            dataset_config=Ingest(),
+            dataset_config=Ingest(streamed=self.streamed, run=trials.child(name)),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
                 use_gpu=self.placement.use_gpu,
@@ -257,8 +257,12 @@ def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, b
     """
     if train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes:
         return train.dataset(cfg.data, shuffle_seed=cfg.seed), val.dataset(cfg.data), True
+    kept = train.dataset(cfg.data)
+    # Blocks kept in the order of their units (not of their decode tasks' finishing): a rerun of
+    # the plan (a trial retried after its driver's node was lost) keeps the same seeded epochs.
+    kept.context.execution_options.preserve_order = True
     try:
-        kept_train, kept_val = train.dataset(cfg.data).materialize(), val.dataset(cfg.data).materialize()
+        kept_train, kept_val = kept.materialize(), val.dataset(cfg.data).materialize()
     except Exception as exc:
         raise _decode_error(exc) from exc
     return kept_train.randomize_block_order(seed=epoch_seed(cfg.seed)), kept_val, False
@@ -273,7 +277,21 @@ def _decode_error(exc: Exception) -> Exception:
 class Ingest(ray.train.DataConfig):
     """How Ray Train shards the job's datasets: ``train`` in equal shards (every rank takes the
     same number of steps, DDP needs it; at most ``world - 1`` images an epoch are left out),
-    ``val`` in shards that together hold every image exactly once."""
+    ``val`` in shards that together hold every image exactly once.
+
+    Kept (not streamed) training data is dealt the same way whether or not the run was
+    interrupted, so a run resumed after a lost node or worker trains as the uninterrupted one
+    would: without locality hints Ray Data hands the epoch's blocks, in their seeded order, to
+    the rank with the fewest rows so far (the same rows for each rank whichever node holds which
+    block), and the seeded block order of epoch ``e`` is execution ``e - 1`` of the dataset also
+    when a restarted worker group starts at the epoch after the run's last checkpoint (Ray Data
+    counts executions per split coordinator, which a restart makes anew). Streamed data keeps
+    the hints: its blocks come from decode tasks wherever they ran, in no fixed order anyway."""
+
+    def __init__(self, streamed: bool, run: Storage | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.streamed = streamed
+        self.run = run
 
     def configure(
         self,
@@ -289,7 +307,12 @@ class Ingest(ray.train.DataConfig):
                 ds.set_name(name)
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
-            splits = ds.streaming_split(world_size, equal=name == TRAIN, locality_hints=worker_node_ids)
+            hints = worker_node_ids
+            if name == TRAIN and not self.streamed:
+                hints = None
+                # Ray Data's own execution counter (what its per-execution reseeding reads).
+                ds.context._execution_idx = registered_epoch(self.run) if self.run else 0
+            splits = ds.streaming_split(world_size, equal=name == TRAIN, locality_hints=hints)
             for rank, split in enumerate(splits):
                 out[rank][name] = split
         return out

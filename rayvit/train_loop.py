@@ -207,19 +207,23 @@ def with_fault(batches: Iterable[Any], spec: WorkerSpec, epoch: int, steps: int)
         yield batch
 
 
+def registered_epoch(run: Storage) -> int:
+    """The epoch of the latest checkpoint Ray Train's controller has registered for the run in
+    ``run`` (what a restart resumes from); 0 when there is none (yet)."""
+    import json
+
+    try:
+        latest = json.loads(run.read_text(SNAPSHOT_FILE)).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("epoch", 0))
+    except Exception:  # no snapshot yet, or read while being replaced
+        return 0
+
+
 def _wait_for_registered_checkpoint(run: Storage, epoch: int, timeout_s: float = 60.0) -> None:
     """Block until the controller's snapshot names the checkpoint of ``epoch`` (what a restart
     resumes from), so the injected fault tests a resume, not a restart from scratch."""
-    import json
-
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads(run.read_text(SNAPSHOT_FILE)).get("latest_checkpoint_result") or {}
-            if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch:
-                return
-        except Exception:
-            pass
+    while time.monotonic() < deadline and registered_epoch(run) < epoch:
         time.sleep(0.2)
 
 
@@ -257,7 +261,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = int(restored.state["epoch"]) + 1
         elapsed_before = float(restored.state.get("elapsed_s", 0.0))
         if rank == 0:
-            say(f"resuming from checkpoint after epoch {restored.state['epoch']}")
+            # The world size may differ from the interrupted run's (an elastic range after a
+            # lost node): the user sees with how many workers training goes on.
+            say(f"resuming from checkpoint after epoch {restored.state['epoch']} on {world} worker(s)")
 
     tracker = None
     if rank == 0 and spec.wandb.mode != "disabled":

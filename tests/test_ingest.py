@@ -83,7 +83,7 @@ def test_two_worker_shards_are_disjoint_and_validation_is_seen_once(
         train_loop_config={"cfg": cfg, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets={TRAIN: job.train_data, VAL: job.val_data},
-        dataset_config=Ingest(),
+        dataset_config=Ingest(streamed=job.streamed),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "train")),
     ).fit()
     train, val, _ = plan_train_val(cfg.data, cfg.seed, cfg.model.image_size)

@@ -55,36 +55,107 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
             pytest.fail(f"the dashboard at {api} did not come up")
         out_dir = tmp_path / "job"
         overrides = [o for o in TINY if not o.startswith("ray.")]
-        # The dashboard answers before its job agent has registered ("No available agent to
-        # submit job, please try again later"): retry that answer, and only that, for a minute.
-        for _ in range(30):
-            submit = subprocess.run(
-                [
-                    str(bin_dir / "ray"), "job", "submit", "--address", api, "--working-dir", str(ROOT),
-                    "--no-wait", "--", "python", "ray_jobs/train.py", "--config", "configs/quick.yaml",
-                    *overrides, "tune.lrs=[1e-3,3e-3]", "scaling.num_workers=1", f"output_dir={out_dir}",
-                ],
-                env=env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            if submit.returncode == 0 or "No available agent" not in submit.stderr:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stderr
-        job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr)
-        assert job_id, submit.stdout
-        status = "PENDING"
+        command = [
+            "python", "ray_jobs/train.py", "--config", "configs/quick.yaml", *overrides,
+            "tune.lrs=[1e-3,3e-3]", "tune.max_concurrent_trials=1", "scaling.num_workers=1",
+            f"output_dir={out_dir}",
+        ]  # fmt: skip
+        # `ray job stop` SIGTERMs the driver, then SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S
+        # (Ray's default: 3 s); the job's own runtime env gives it the time to end cleanly.
+        stop_wait = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+        first = _submit(bin_dir, api, env, ["--runtime-env-json", stop_wait], command)
+        # Stopped once the first trial has finished and the second started: the rerun must keep
+        # the first, not train it again.
         deadline = time.time() + 600
-        while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            time.sleep(3)
-            with urllib.request.urlopen(f"{api}/api/jobs/{job_id.group(1)}", timeout=10) as r:
-                status = json.loads(r.read())["status"]
-        logs = urllib.request.urlopen(f"{api}/api/jobs/{job_id.group(1)}/logs", timeout=10).read().decode()
+        while time.time() < deadline and not (_finished_trials(out_dir) and len(_trials(out_dir)) == 2):
+            assert _status(api, first) in ("PENDING", "RUNNING"), _logs(api, first)[-3000:]
+            time.sleep(0.5)
+        kept = _finished_trials(out_dir)
+        assert len(kept) == 1, _logs(api, first)[-3000:]
+        stop = subprocess.run(
+            [str(bin_dir / "ray"), "job", "stop", "--address", api, first],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert stop.returncode == 0, stop.stderr
+        assert _wait(api, first, 120) == "STOPPED"
+        logs = _logs(api, first)
+        assert logs.strip().splitlines()[-1] == (
+            "interrupted (SIGTERM): rerun the same command to resume from the last checkpoint"
+        ), logs[-3000:]
+        assert not re.search(r"Traceback|Exception ignored|SystemExit", logs), logs[-3000:]
+        assert not (out_dir / "best").exists()
+
+        second = _submit(bin_dir, api, env, [], command)
+        status = _wait(api, second, 600)
+        logs = _logs(api, second)
         assert status == "SUCCEEDED", logs[-3000:]
         assert "exported:" in logs
         assert json.loads((out_dir / "best" / "metrics.json").read_text())["sweep"]["trials"] == 2
+        assert {t: _checkpoints(t) for t in kept} == kept  # the finished trial was not trained again
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(bin_dir: Path, api: str, env: dict[str, str], options: list[str], command: list[str]) -> str:
+    """``ray job submit --no-wait``; the job's id. The dashboard answers before its job agent has
+    registered ("No available agent to submit job"): that answer, and only it, is retried."""
+    for _ in range(30):
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", api, "--working-dir", str(ROOT),
+             *options, "--no-wait", "--", *command],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if submit.returncode == 0 or "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, submit.stderr
+    job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr)
+    assert job_id, submit.stdout
+    return job_id.group(1)
+
+
+def _status(api: str, job_id: str) -> str:
+    with urllib.request.urlopen(f"{api}/api/jobs/{job_id}", timeout=10) as r:
+        status: str = json.loads(r.read())["status"]
+    return status
+
+
+def _wait(api: str, job_id: str, timeout: float) -> str:
+    """The job's status once it ended (or at the deadline)."""
+    deadline = time.time() + timeout
+    status = _status(api, job_id)
+    while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(2)
+        status = _status(api, job_id)
+    return status
+
+
+def _logs(api: str, job_id: str) -> str:
+    with urllib.request.urlopen(f"{api}/api/jobs/{job_id}/logs", timeout=10) as r:
+        logs: str = json.loads(r.read())["logs"]
+    return logs
+
+
+def _trials(out_dir: Path) -> list[Path]:
+    return [d for d in (out_dir / "trials").glob("*") if d.is_dir()]
+
+
+def _checkpoints(trial: Path) -> list[str]:
+    return sorted(p.name for p in trial.glob("checkpoint_*"))
+
+
+def _finished_trials(out_dir: Path) -> dict[Path, list[str]]:
+    """Trials whose single epoch's checkpoint Ray Train has registered, with their checkpoints."""
+    done = {}
+    for snap in (out_dir / "trials").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):  # read while being replaced
+            continue
+        if latest:
+            done[snap.parent] = _checkpoints(snap.parent)
+    return done

@@ -13,6 +13,7 @@ import yaml
 from conftest import TINY, require_data, run_train_cli, tiny_config
 
 import tuning.sweep as sweep
+from rayvit.config import load_config
 from rayvit.errors import UserError
 from tuning.sweep import TrialRow, select_best
 
@@ -94,6 +95,27 @@ def test_selection_ignores_everything_but_validation() -> None:
     # a tie goes to the earlier epoch; a trial without checkpoint is never chosen
     assert select_best([row("a", 1e-3, 0.5, 3), row("b", 1e-2, 0.5, 1)]).trial_id == "b"
     assert select_best([row("a", 1e-3, 0.9, path=""), row("b", 1e-2, 0.2)]).trial_id == "b"
+
+
+def test_a_trial_s_equal_scores_pick_the_checkpoint_ray_train_keeps() -> None:
+    """Ray Train's ``num_to_keep`` keeps the later of two equally scored checkpoints and deletes
+    the other: the trial's row must name the kept one (a run resumed on a tiny model reported
+    the same validation accuracy three epochs in a row)."""
+    import pandas as pd
+    from ray.tune import Result
+
+    history = [
+        {"epoch": e, "val_accuracy": 0.25, "checkpoint_path": f"ckpt_{e}", "trial_id": "t"} for e in (1, 2, 3)
+    ]
+    result = Result(
+        metrics={**history[-1], "config": {"train.lr": 1e-3}},
+        checkpoint=None,
+        error=None,
+        path="trials/t",
+        metrics_dataframe=pd.DataFrame(history),
+    )
+    (row,) = sweep.trial_rows([result], load_config(None, ["train.epochs=3"]))
+    assert (row.checkpoint_path, row.best_epoch) == ("ckpt_3", 3)
 
 
 def _wandb_history(run_file: Path) -> list[dict[str, Any]]:

@@ -266,7 +266,9 @@ def trial_rows(results: Any, cfg: Config) -> list[TrialRow]:
         with_ckpt = [
             h for h in with_val if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
         ]
-        best = max(with_ckpt or with_val, key=lambda h: (sign * h[metric], -h["epoch"])) if with_val else None
+        # Equal scores: the later checkpoint, the one Ray Train keeps (``num_to_keep`` ranks the
+        # later of two equal checkpoints higher and deletes the other).
+        best = max(with_ckpt or with_val, key=lambda h: (sign * h[metric], h["epoch"])) if with_val else None
         done = float(max((h.get("epoch", 0) for h in with_val), default=0))
         status = "ERROR" if r.error is not None or failed else "DIVERGED" if diverged else "OK"
         err = _one_line(r.error) if r.error is not None else failed or diverged
