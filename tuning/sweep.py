@@ -91,9 +91,11 @@ def search_alg(cfg: Config, concurrent: int) -> Any:
     ``ConcurrencyLimiter``)."""
     if cfg.tune.search_alg == "optuna" and search_space(cfg):
         try:
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as exc:
             raise UserError("tune.search_alg=optuna needs optuna: pip install 'rayvit[tune]'") from exc
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
         return OptunaSearch(seed=cfg.seed)
     from ray.tune.search import BasicVariantGenerator
 
