@@ -25,16 +25,36 @@ sys.path.insert(0, str(ROOT))
 
 from rayvit.config import load_config  # noqa: E402
 from rayvit.model import build_model, build_preprocessor  # noqa: E402
-from rayvit.perf import mfu, peak_flops, vit_train_flops_per_image  # noqa: E402
+from rayvit.perf import mfu, peak_flops, train_flops_per_image  # noqa: E402
 from rayvit.predict import use_bf16  # noqa: E402
 from rayvit.train_loop import param_groups, train_step  # noqa: E402
 
 CLASSES = [f"c{i}" for i in range(10)]
 
 
-def measure(recipe: str, device: torch.device, batch: int, steps: int, warmup: int, compiled: bool) -> float:
+def model_overrides(model: str | None) -> list[str]:
+    """The recipe's architecture built untrained, or ``--model``: a hub id or folder
+    (``AutoModelForImageClassification``, weights loaded) or a ``model_type`` built untrained."""
+    if model is None:
+        return ["model.pretrained=null"]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    if model in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return ["model.pretrained=null", f"model.model_type={model}", "model.attn_implementation=auto"]
+    return [f"model.pretrained={model}", "model.attn_implementation=auto"]
+
+
+def measure(
+    recipe: str,
+    overrides: list[str],
+    device: torch.device,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compiled: bool,
+) -> float:
     """Images per second over ``steps`` training steps after ``warmup`` ones."""
-    cfg = load_config(recipe, ["model.pretrained=null", f"train.batch_size={batch}"])
+    cfg = load_config(recipe, [*overrides, f"train.batch_size={batch}"])
     torch.manual_seed(0)
     model: Any = build_model(cfg.model, CLASSES).to(device)  # type: ignore[arg-type]
     pre = build_preprocessor(cfg.model)
@@ -68,6 +88,11 @@ def main() -> None:
     ap.add_argument(
         "--recipe", default=str(ROOT / "configs" / "train.yaml"), help="config whose model is timed"
     )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="hub id, folder or model_type to time (default: the recipe's, untrained)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
@@ -75,19 +100,21 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     args = ap.parse_args()
     device = torch.device(args.device)
-    cfg = load_config(args.recipe, ["model.pretrained=null"])
+    overrides = model_overrides(args.model)
+    cfg = load_config(args.recipe, overrides)
     model = build_model(cfg.model, CLASSES)
-    flops = vit_train_flops_per_image(model.config)
+    pre = build_preprocessor(cfg.model)
+    flops = train_flops_per_image(model.config, pre.image_size)
     peak = peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"ViT {cfg.model.image_size}px patch {cfg.model.patch_size} hidden {cfg.model.hidden_size} "
-        f"x{cfg.model.num_layers} on {name}: {flops / 1e9:.1f} GFLOPs per trained image, batch {args.batch}, "
+        f"{type(model).__name__} {pre.image_size}px, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters on {name}: {flops / 1e9:.1f} GFLOPs per trained image, batch {args.batch}, "
         f"{'bf16' if use_bf16(cfg.train.precision, device) else 'fp32'}"
     )
     del model
     for compiled in [False] if args.no_compile else [False, True]:
-        rate = measure(args.recipe, device, args.batch, args.steps, args.warmup, compiled)
+        rate = measure(args.recipe, overrides, device, args.batch, args.steps, args.warmup, compiled)
         util_ = mfu(rate, flops, peak)
         util = (
             f"MFU {100 * util_:.1f}% of {(peak or 0) / 1e12:.0f} TFLOP/s" if util_ is not None else "MFU n/a"

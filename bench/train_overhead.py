@@ -68,7 +68,7 @@ def ray_train(cfg: Config) -> float:
     from rayvit.job import open_storage, start_job
 
     job = start_job(cfg, open_storage(cfg))
-    result = job.trainer(cfg.train.lr, "bench").fit()
+    result = job.trainer({}, "bench").fit()
     ray.shutdown()
     return float((result.metrics or {})["images_per_s"])
 

@@ -482,21 +482,20 @@ def _report(
 
 
 def write_confusion(cm: np.ndarray, labels: list[str], out: Storage) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and the confusion matrix (JSON + PNG), as the test evaluation
-    reports them."""
+    """Accuracy, macro-F1, per-class accuracy and the confusion matrix (JSON + PNG), as the test
+    evaluation reports them."""
     import tempfile
 
-    from rayvit.evaluate import class_accuracy
     from rayvit.plots import plot_confusion
+    from rayvit.predict import confusion_report
 
-    accuracy, per_class = class_accuracy(cm, labels)
-    metrics = {"accuracy": accuracy, "evaluated": int(cm.sum()), "per_class_accuracy": per_class}
+    metrics = {"evaluated": int(cm.sum()), **confusion_report(cm, labels)}
     out.write_text(json.dumps(metrics, indent=2) + "\n", "metrics.json")
     out.write_text(json.dumps({"labels": labels, "matrix": cm.tolist()}) + "\n", "confusion.json")
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_confusion(cm, labels, Path(tmp) / "confusion.png", "batch prediction confusion matrix")
         out.write_bytes(png.read_bytes(), "confusion.png")
-    return {"accuracy": accuracy}
+    return {"accuracy": metrics["accuracy"]}
 
 
 def peak_rss_mib() -> float:

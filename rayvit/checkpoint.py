@@ -14,15 +14,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import ViTForImageClassification
 
 from rayvit.config import Config
 from rayvit.errors import UserError
 from rayvit.logs import say
+from rayvit.model import load_model
 from rayvit.preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
@@ -38,7 +41,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_model_folder(model: ViTForImageClassification, pre: Preprocessor, folder: Path) -> None:
+def save_model_folder(model: PreTrainedModel, pre: Preprocessor, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     write_json(folder / PROCESSOR_FILE, pre.processor_config())
@@ -46,7 +49,7 @@ def save_model_folder(model: ViTForImageClassification, pre: Preprocessor, folde
 
 def save_training_checkpoint(
     folder: Path,
-    model: ViTForImageClassification,
+    model: PreTrainedModel,
     pre: Preprocessor,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -70,7 +73,7 @@ def save_training_checkpoint(
 
 @dataclass
 class Restored:
-    model: ViTForImageClassification
+    model: PreTrainedModel
     state: dict[str, Any]
     """optimizer, scheduler, epoch, elapsed_s"""
 
@@ -87,9 +90,7 @@ def load_training_checkpoint(checkpoint: Any, attn_implementation: str) -> Resto
         try:
             with candidate.as_directory() as d:
                 # from_pretrained, not load_state_dict: transformers maps its saved key names.
-                model = ViTForImageClassification.from_pretrained(
-                    Path(d) / MODEL_DIR, attn_implementation=attn_implementation
-                )
+                model = load_model(Path(d) / MODEL_DIR, attn_implementation)
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             return Restored(model, state)
         except Exception as exc:

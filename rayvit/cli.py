@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROG = "ray_jobs/train.py"
-TRAIN_DESCRIPTION = "Sweep, train and export a ViT image classifier on Ray."
+TRAIN_DESCRIPTION = "Sweep, train and export an image classifier on Ray."
 HELP_WIDTH = 100
 
 

@@ -81,41 +81,68 @@ class DataConfig(_Section):
     windows of ``data.shuffle_buffer`` rows (so at least one window when above 0)."""
 
 
+ArchValue = int | float | bool | str | list[int] | list[float] | list[str] | None
+
+
 class ModelConfig(_Section):
     pretrained: str | None = "google/vit-base-patch16-224-in21k"
-    """Hub id or local folder to fine-tune; null = train from scratch."""
+    """Anything ``AutoModelForImageClassification`` loads: a hub id (``facebook/convnext-tiny-224``,
+    ``timm/resnet18.a1_in1k`` with the ``timm`` extra), a local folder, or a storage URI of an
+    exported model (an earlier run's ``best/``); null = build untrained from ``model_type`` and
+    ``arch``."""
+    model_type: str = Field("vit", min_length=1)
+    """transformers model type of an untrained build (``vit``, ``deit``, ``convnext``,
+    ``resnet``, ``swin``, ...; any with an image-classification head)."""
+    arch: dict[str, ArchValue] = {}
+    """Sizes of an untrained build, in the family's own config names (ViT: ``patch_size``,
+    ``hidden_size``, ``num_hidden_layers``, ...; ConvNeXt: ``hidden_sizes``, ``depths``);
+    unset ones keep the family's defaults."""
     image_size: int = Field(224, ge=8)
-    """Side of the square model input in pixels; images are resized to it."""
-    patch_size: int = Field(16, ge=1)
-    """Side of a ViT patch in pixels (from scratch only; a pretrained model keeps its own)."""
-    hidden_size: int = Field(768, ge=8)
-    """Width of the transformer (from scratch only)."""
-    num_layers: PositiveInt = 12
-    """Transformer blocks (from scratch only)."""
-    num_heads: PositiveInt = 12
-    """Attention heads per block (from scratch only)."""
-    mlp_dim: int = Field(3072, ge=8)
-    """Hidden width of each block's MLP (from scratch only)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout of hidden states and attention probabilities (from scratch only)."""
+    """Side of the square model input in pixels; a pretrained model's processor must agree."""
     image_mean: RGB | None = None
     """Normalization mean per RGB channel; null = the pretrained processor's, else 0.5."""
     image_std: RGBPositive | None = None
     """Normalization standard deviation per RGB channel (> 0); null = the pretrained processor's, else 0.5."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel: PyTorch's scaled_dot_product_attention or the plain one."""
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel: auto = the family's best (PyTorch's scaled_dot_product_attention where it
+    has it), or the plain one."""
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
-        if self.pretrained is None and self.image_size % self.patch_size:
-            raise ValueError(
-                f"model.image_size={self.image_size} is not a multiple of model.patch_size={self.patch_size}"
-            )
-        if self.pretrained is None and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size={self.hidden_size} is not a multiple of model.num_heads={self.num_heads}"
-            )
+        if self.pretrained is None:
+            check_architecture(self.model_type, self.arch, self.image_size)
         return self
+
+
+def check_architecture(model_type: str, arch: dict[str, Any], image_size: int) -> None:
+    """``model_type`` has an image-classification head and ``arch`` names only its config's
+    fields, with the sizes that must divide each other doing so (``ValueError`` naming them)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    if model_type not in known:
+        match = difflib.get_close_matches(model_type, known, n=1, cutoff=0.5)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise ValueError(f"model.model_type '{model_type}' has no image-classification model{hint}")
+    defaults = CONFIG_MAPPING[model_type]()
+    for key in arch:
+        if key in ("image_size", "num_labels", "id2label", "label2id"):
+            raise ValueError(f"model.arch.{key} is set by rayvit (model.image_size, the data's classes)")
+        if not hasattr(defaults, key):
+            raise ValueError(f"model.arch.{key}: not a field of the '{model_type}' config")
+    merged = {**defaults.to_dict(), **arch}
+    patch, hidden, heads = (
+        merged.get("patch_size"),
+        merged.get("hidden_size"),
+        merged.get("num_attention_heads"),
+    )
+    if isinstance(patch, int) and hasattr(defaults, "image_size") and image_size % patch:
+        raise ValueError(f"model.image_size={image_size} is not a multiple of model.arch.patch_size={patch}")
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise ValueError(
+            f"model.arch.hidden_size={hidden} is not a multiple of model.arch.num_attention_heads={heads}"
+        )
 
 
 class TrainConfig(_Section):
@@ -129,13 +156,16 @@ class TrainConfig(_Section):
     """Validation passes per epoch; the ones before the epoch's end only report metrics (for
     ASHA to stop a weak trial early), checkpoints stay at epoch ends."""
     lr: PositiveFloat = 5e-5
-    """Peak learning rate of AdamW (after warmup); a sweep replaces it per trial."""
+    """Peak learning rate of AdamW (after warmup)."""
     weight_decay: float = Field(0.05, ge=0.0)
-    """AdamW weight decay; biases, norms and the position/class tokens get none."""
+    """AdamW weight decay; biases, norm layers and embeddings (tables, class and position tokens) get none."""
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of all steps spent in linear warmup; cosine decay to zero follows."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Label smoothing of the cross-entropy loss."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """balanced = weigh each class's loss by images / (classes x that class's training images),
+    for imbalanced data; none = every image counts the same."""
     grad_clip: PositiveFloat | None = 1.0
     """Gradient norm clip; null = off."""
     augment: bool = True
@@ -145,7 +175,7 @@ class TrainConfig(_Section):
     num_threads: PositiveInt | None = None
     """torch threads per worker; null = the worker's CPU count."""
     keep_checkpoints: PositiveInt = 2
-    """Best k checkpoints kept by validation accuracy (the latest is always kept)."""
+    """Best k checkpoints kept by ``tune.metric`` (the latest is always kept)."""
     max_failures: int = Field(3, ge=-1)
     """Failures recovered from the last checkpoint, per run: lost workers (Ray Train restarts
     them) and a trial's lost driver node (Tune reruns the trial, which resumes); -1 = no limit."""
@@ -179,15 +209,97 @@ class ScalingSection(_Section):
         return self
 
 
+SearchValue = int | float | bool | str | list[int] | list[float] | None
+Bounds = Annotated[list[float], Field(min_length=2, max_length=2)]
+IntBounds = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
+class Distribution(_Section):
+    """One searched key's values: exactly one of these, as Ray Tune's distribution of that name."""
+
+    grid: Annotated[list[SearchValue], Field(min_length=1)] | None = None
+    """Every value, each in its own trial(s) (``tune.grid_search``); with the random and optuna
+    searchers, a choice."""
+    choice: Annotated[list[SearchValue], Field(min_length=1)] | None = None
+    """One of these values per trial (``tune.choice``)."""
+    uniform: Bounds | None = None
+    """``[low, high]``: a float, uniformly (``tune.uniform``)."""
+    quniform: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None
+    """``[low, high, q]``: a float, uniformly, rounded to a multiple of q (``tune.quniform``)."""
+    loguniform: Bounds | None = None
+    """``[low, high]``, low > 0: a float, uniformly in log space (``tune.loguniform``)."""
+    randint: IntBounds | None = None
+    """``[low, high]``: an integer, low <= x < high (``tune.randint``)."""
+    lograndint: IntBounds | None = None
+    """``[low, high]``, low > 0: an integer, uniformly in log space, low <= x < high."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k, v in self if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(Distribution.model_fields)} (got {given or 'none'})"
+            )
+        kind, value = given[0], getattr(self, given[0])
+        if kind in ("grid", "choice"):
+            return self
+        low, high = value[0], value[1]
+        if low >= high:
+            raise ValueError(f"{kind}: low ({low:g}) must be below high ({high:g})")
+        if kind.startswith("log") and low <= 0:
+            raise ValueError(f"{kind}: low must be above 0 (got {low:g})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self if v is not None)
+
+    @property
+    def args(self) -> list[Any]:
+        return list(getattr(self, self.kind))
+
+    def probes(self) -> list[Any]:
+        """Values that stand for all it can give, to check against the key's type and bounds:
+        every listed value; both ends of a range and, for a float range, its middle (an integer
+        key cannot take it)."""
+        args = self.args
+        if self.kind in ("grid", "choice"):
+            return args
+        if self.kind in ("randint", "lograndint"):
+            return [args[0], args[1] - 1]
+        return [float(args[0]), float(args[1]), (args[0] + args[1]) / 2 + 1e-9]
+
+
+#: Sections whose keys a sweep may vary per trial (the data, cluster and storage are the job's).
+SEARCHABLE = ("model.", "train.")
+UNSEARCHABLE = ("train.epochs",)
+"""ASHA's horizon is ``train.epochs``: every trial has the same one."""
+METRICS = ("val_accuracy", "val_loss", "val_macro_f1")
+
+
 class TuneSection(_Section):
+    search_space: dict[str, Distribution] = {}
+    """Dotted config key (``train.lr``, ``train.weight_decay``, ``model.arch.hidden_size``,
+    ``model.pretrained``, ...) -> its distribution, e.g. ``{loguniform: [1e-4, 1e-2]}`` or
+    ``{choice: [0.0, 0.05]}``; checked against the key's type and bounds before anything starts."""
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | None = None
-    """Grid of learning rates; one value (or null with no range) = no sweep."""
+    """Shorthand for ``search_space: {train.lr: {grid: LRS}}``; one value (or null with no range) = no sweep."""
     lr_min: PositiveFloat | None = None
-    """Lower end of a log-uniform learning-rate search (with lr_max, when lrs is null)."""
+    """Shorthand, with lr_max, for ``search_space: {train.lr: {loguniform: [LR_MIN, LR_MAX]}}``."""
     lr_max: PositiveFloat | None = None
-    """Upper end of a log-uniform learning-rate search (with lr_min, when lrs is null)."""
+    """Upper end of the lr_min shorthand."""
     num_samples: PositiveInt = 1
-    """Log-uniform samples between lr_min and lr_max (used when lrs is null)."""
+    """Trials drawn from the sampled distributions (with search_alg grid: per grid point)."""
+    search_alg: Literal["grid", "random", "optuna"] = "grid"
+    """grid = every grid point, with num_samples random draws of the other keys each (Tune's
+    variant generator); random = num_samples random draws of every key (a grid is a choice);
+    optuna = num_samples trials from Optuna's TPE (``OptunaSearch``, the ``tune`` extra)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha = stop weak trials early on ``metric``; fifo = every trial runs all its epochs."""
+    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = "val_accuracy"
+    """What ASHA, the kept checkpoints (``train.keep_checkpoints``) and the chosen trial follow."""
+    mode: Literal["auto", "max", "min"] = "auto"
+    """auto = min for val_loss, max otherwise."""
     grace_period: float = Field(1.0, gt=0)
     """ASHA: epochs every trial runs before it can be stopped; a fraction needs
     ``train.evals_per_epoch`` validation passes per epoch to act on."""
@@ -198,13 +310,54 @@ class TuneSection(_Section):
     driver_cpus: PositiveFloat = 0.01
     """Logical CPU of each trial's driver function, which only waits on its TorchTrainer."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted(cls, raw: Any) -> Any:
+        # A dotted override (tune.search_space.train.lr.loguniform=[...]) arrives nested.
+        if isinstance(raw, dict) and isinstance(raw.get("search_space"), dict):
+            raw = {**raw, "search_space": _flatten_space(raw["search_space"])}
+        return raw
+
     @model_validator(mode="after")
     def _range(self) -> TuneSection:
         if (self.lr_min is None) != (self.lr_max is None):
             raise ValueError("tune.lr_min and tune.lr_max must be set together (or both null)")
         if self.lr_min is not None and self.lr_max is not None and self.lr_min >= self.lr_max:
             raise ValueError(f"tune.lr_min ({self.lr_min:g}) must be below tune.lr_max ({self.lr_max:g})")
+        if "train.lr" in self.search_space and (self.lrs is not None or self.lr_min is not None):
+            raise ValueError("tune.search_space['train.lr'] and tune.lrs/lr_min/lr_max: give one of them")
         return self
+
+    @property
+    def space(self) -> dict[str, Distribution]:
+        """The search space with the learning-rate shorthands in it."""
+        space = dict(self.search_space)
+        if self.lrs is not None:
+            space["train.lr"] = Distribution(grid=list(self.lrs))
+        elif self.lr_min is not None and self.lr_max is not None:
+            space["train.lr"] = Distribution(loguniform=[self.lr_min, self.lr_max])
+        return space
+
+    @property
+    def resolved_mode(self) -> Literal["max", "min"]:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric == "val_loss" else "max"
+
+
+def _flatten_space(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value and not set(value) <= set(Distribution.model_fields):
+            out.update(_flatten_space(value, f"{prefix}{key}."))
+        elif prefix and not isinstance(value, dict):
+            raise ValueError(
+                f"tune.search_space['{prefix[:-1]}']: unknown distribution '{key}' "
+                f"(one of {', '.join(Distribution.model_fields)})"
+            )
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class WandbSection(_Section):
@@ -244,7 +397,7 @@ class Config(_Section):
     ray: RayConfig = RayConfig()
     """Ray cluster to run on."""
     tune: TuneSection = TuneSection()
-    """Learning-rate sweep (Ray Tune with ASHA)."""
+    """Hyperparameter sweep (Ray Tune: a searcher, ASHA)."""
     wandb: WandbSection = WandbSection()
     """Experiment tracking."""
     storage: StorageSection = StorageSection()
@@ -260,11 +413,56 @@ class Config(_Section):
     seed: int = Field(0, ge=0)
     """Seeds the split, the shuffling, augmentation and model initialisation."""
 
+    @model_validator(mode="after")
+    def _searchable(self) -> Config:
+        for key, dist in self.tune.space.items():
+            check_searched(self, key, dist)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_searched(cfg: Config, key: str, dist: Distribution) -> None:
+    """A searched key is a config key of a searchable section and every value the distribution
+    stands for is one the key takes (``ValueError`` naming the key)."""
+    where = f"tune.search_space['{key}']"
+    section, _, name = key.partition(".")
+    if f"{key}." not in {f"{k}." for k in _all_keys(Config)} and not key.startswith("model.arch."):
+        raise ValueError(f"{where}: unknown config key{_closest(key)}")
+    if not key.startswith(SEARCHABLE) or key in UNSEARCHABLE:
+        raise ValueError(
+            f"{where}: not searchable (a sweep varies {' and '.join(s + '*' for s in SEARCHABLE)} keys "
+            f"other than {', '.join(UNSEARCHABLE)}; the data, cluster and storage are the job's)"
+        )
+    model: type[BaseModel] = ModelConfig if section == "model" else TrainConfig
+    for value in dist.probes():
+        raw = getattr(cfg, section).model_dump()
+        if name.startswith("arch."):
+            raw["arch"] = {**raw["arch"], name.removeprefix("arch."): value}
+        else:
+            raw[name] = value
+        try:
+            model.model_validate(raw)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+            raise ValueError(f"{where}: {dist.kind} gives {value!r}: {msg}") from None
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys set (a trial's searched values), validated like any config."""
+    raw = cfg.to_dict()
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value.item() if hasattr(value, "item") else value  # numpy scalars from Tune
+    return config_from_dict(raw)
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -383,6 +581,13 @@ def _first_error(err: ValidationError) -> str:
     """One line for the first wrong key: what is wrong, what was given, what fits."""
     errors = err.errors()
     e = errors[0]
+    if tuple(e["loc"][:2]) == ("tune", "search_space") and len(e["loc"]) > 2:
+        # A distribution's own fault: name the searched key, then what is wrong with it.
+        where = f"tune.search_space['{e['loc'][2]}']"
+        if e["type"] == "value_error":
+            return f"{where}: {e['ctx']['error']}"
+        inner = ".".join(str(p) for p in e["loc"][3:])
+        return f"{where}{': ' + inner if inner else ''}: {e['msg']} (got {e.get('input')!r})"
     if e["type"] == "extra_forbidden":
         key = ".".join(str(p) for p in e["loc"])
         return f"unknown config key '{key}'{_closest(key)}"

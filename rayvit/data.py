@@ -35,6 +35,7 @@ from rayvit.readers import Source as Source
 from rayvit.readers import SplitFiles as SplitFiles
 from rayvit.readers import decode_unit as decode_unit
 from rayvit.readers import open_source as open_source
+from rayvit.readers import split_labels
 from rayvit.readers import units_for as units_for
 from rayvit.readers.hub import ARROW_ROWS_PER_UNIT as ARROW_ROWS_PER_UNIT
 from rayvit.readers.hub import class_names as class_names
@@ -204,6 +205,13 @@ class SplitPlan:
 
     def arrays(self, cfg: DataConfig) -> ImageSplit:
         return decode_here(self.source, self.split, self.rows, self.side, block_rows(cfg, self.side))
+
+
+def label_counts(plan: SplitPlan) -> np.ndarray:
+    """Images per class among the plan's rows, from the label column alone (no image is read):
+    what ``train.class_weights: balanced`` weighs the loss by."""
+    labels = split_labels(plan.source, plan.split)
+    return np.bincount(labels[plan.rows], minlength=len(plan.source.class_names))
 
 
 def plan_train_val(

@@ -43,7 +43,7 @@ def evaluate_model(
 ) -> EvalResult:
     """Test-split loss/accuracy of an exported model folder with ``Predictor``."""
     from rayvit.data import open_source, plan_test
-    from rayvit.predict import Predictor, evaluate, use_bf16
+    from rayvit.predict import Predictor, confusion_report, evaluate, use_bf16
 
     predictor = Predictor(model_dir)
     data_cfg = DataConfig(path=data_path, test_limit=test_limit)
@@ -60,13 +60,14 @@ def evaluate_model(
     )
     loss, acc = res.loss, res.accuracy
     cm = confusion_matrix(test.labels, res.predictions, len(names))
-    _, per_class = class_accuracy(cm, names)
+    report = confusion_report(cm, names)
     trained = predictor.metrics.get("data", {}) if isinstance(predictor.metrics.get("data"), dict) else {}
     metrics: dict[str, Any] = {
         "test_accuracy": acc,
         "test_loss": loss,
         "num_test": len(test),
-        "per_class_accuracy": per_class,
+        "macro_f1": report["macro_f1"],
+        "per_class_accuracy": report["per_class_accuracy"],
         "data": {"path": data_path, "fingerprint": data_fingerprint(data_path)},
         "model": {
             "path": str(model_dir),
@@ -75,14 +76,6 @@ def evaluate_model(
         },
     }
     return EvalResult(metrics, cm, names)
-
-
-def class_accuracy(cm: np.ndarray, names: list[str]) -> tuple[float, dict[str, float]]:
-    """Accuracy and per-class accuracy (recall) of a ``cm[true, predicted]`` confusion matrix:
-    the test evaluation's and batch prediction's reports."""
-    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
-    accuracy = float(cm.diagonal().sum() / max(1, cm.sum()))
-    return accuracy, {n: float(a) for n, a in zip(names, per_class, strict=True)}
 
 
 def write_reports(result: EvalResult, out_dir: str | Path, model_dir: str | Path) -> Path:

@@ -20,16 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 
 from rayvit.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_DIR, write_json
-from rayvit.config import Config
+from rayvit.config import Config, with_overrides
 from rayvit.data import SplitPlan, plan_test
 from rayvit.dvc import data_fingerprint
 from rayvit.job import BEST_DIR, Job, wandb_dir
 from rayvit.logs import quiet_libraries
 from rayvit.plots import confusion_matrix, plot_confusion, plot_curves
+from rayvit.predict import class_report
 from rayvit.tracking import log_final, resolve_mode
 
 CURVE_FILE = "training_curve.csv"
@@ -47,11 +49,12 @@ class TestResult:
 
 @dataclass(frozen=True)
 class Chosen:
-    """The checkpoint picked on validation accuracy, and what it is."""
+    """The checkpoint picked on the validation metric, and what it is."""
 
     checkpoint: ray.train.Checkpoint
     metrics: dict[str, Any]
-    lr: float
+    params: dict[str, Any]
+    """Its trial's searched values, by dotted config key (empty for a single run)."""
     run_name: str
     history: list[dict[str, Any]]
     """The run's per-epoch metrics."""
@@ -135,13 +138,19 @@ def export_best(
 ) -> RunSummary:
     """Write ``<output_dir>/best``: model, config, metrics.json, curves and the test confusion
     matrix; the chosen run's wandb run gets the test metrics and plots."""
-    cfg = job.cfg
+    cfg = with_overrides(job.cfg, chosen.params)
+    names = list(job.class_names)
+    report = class_report(np.asarray(test.labels), np.asarray(test.predictions), names)
     metrics: dict[str, Any] = {
         "val_accuracy": chosen.metrics["val_accuracy"],
         "val_loss": chosen.metrics["val_loss"],
+        "val_macro_f1": chosen.metrics.get("val_macro_f1"),
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
-        "learning_rate": chosen.lr,
+        "test_macro_f1": report["macro_f1"],
+        "test_per_class_accuracy": report["per_class_accuracy"],
+        "learning_rate": cfg.train.lr,
+        "searched": dict(chosen.params),
         "epochs": cfg.train.epochs,
         "best_epoch": chosen.metrics["epoch"],
         "data": {
@@ -155,14 +164,18 @@ def export_best(
             "num_test": len(test.labels),
             "class_names": list(job.class_names),
         },
-        "model": {"pretrained": cfg.model.pretrained, "image_size": cfg.model.image_size},
+        "model": {
+            "pretrained": cfg.model.pretrained,
+            "model_type": cfg.model.model_type if cfg.model.pretrained is None else None,
+            "arch": dict(cfg.model.arch) if cfg.model.pretrained is None else {},
+            "image_size": cfg.model.image_size,
+        },
         "checkpoint": chosen.checkpoint.path,
         "run": chosen.run_name,
         "git_commit": git_commit(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **(extra_metrics or {}),
     }
-    names = list(job.class_names)
     with tempfile.TemporaryDirectory(prefix="rayvit-export-") as tmp_name:
         tmp = Path(tmp_name) / BEST_DIR
         with chosen.checkpoint.as_directory() as d:

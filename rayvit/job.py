@@ -1,7 +1,7 @@
 """One training job: storage, placement, data and preprocessing, set up once.
 
 A single run and a sweep are the same job: a single run is a sweep of one
-learning rate. ``start_job`` does the driver-side work once (cluster, the run's
+trial. ``start_job`` does the driver-side work once (cluster, the run's
 storage, the data's Ray Data pipeline, the resume check); the frozen ``Job`` it
 returns crosses into every Tune trial, whose driver builds its ``TorchTrainer``
 from it, with the train and validation datasets that Ray Train shards over its workers.
@@ -22,8 +22,8 @@ from ray.train.torch import TorchTrainer
 
 from rayvit.checkpoint import CONFIG_FILE
 from rayvit.cluster import Placement, init_ray, resolve_placement
-from rayvit.config import Config
-from rayvit.data import SplitPlan, epoch_seed, plan_train_val, quiet_ray_data
+from rayvit.config import Config, with_overrides
+from rayvit.data import SplitPlan, epoch_seed, label_counts, plan_train_val, quiet_ray_data
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
@@ -82,16 +82,25 @@ class Job:
     num_val: int
     group: str
     """The wandb group of the job's runs."""
+    class_counts: tuple[int, ...] = ()
+    """Training images per class, when a run weighs classes (``train.class_weights``)."""
 
-    def trainer(self, lr: float, name: str, callbacks: list[Any] | None = None) -> TorchTrainer:
-        """The ``TorchTrainer`` of one run at learning rate ``lr`` (one Tune trial)."""
-        cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"lr": lr})})
+    def trainer(
+        self, overrides: dict[str, Any], name: str, callbacks: list[Any] | None = None
+    ) -> TorchTrainer:
+        """The ``TorchTrainer`` of one run (one Tune trial): the job's config with the trial's
+        searched values (dotted keys) set."""
+        cfg = with_overrides(self.cfg, overrides) if overrides else self.cfg
+        pre = self.pre if cfg.model == self.cfg.model else build_preprocessor(cfg.model)
         trials = self.storage.child(TRIALS_DIR)
         spec = WorkerSpec(
             cfg=cfg,
-            pre=self.pre,
+            pre=pre,
             class_names=self.class_names,
             num_train=self.num_train,
+            class_weights=balanced_weights(self.class_counts)
+            if cfg.train.class_weights == "balanced"
+            else None,
             run=trials.child(name),
             wandb=WandbSpec(resolve_mode(cfg), self.group, name, wandb_dir(cfg, self.storage)),
         )
@@ -113,8 +122,8 @@ class Job:
                 storage_filesystem=trials.filesystem(),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=tc.keep_checkpoints,
-                    checkpoint_score_attribute="val_accuracy",
-                    checkpoint_score_order="max",
+                    checkpoint_score_attribute=cfg.tune.metric,
+                    checkpoint_score_order=cfg.tune.resolved_mode,
                 ),
                 failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
                 callbacks=callbacks,
@@ -206,6 +215,8 @@ def start_job(cfg: Config, storage: Storage) -> Job:
     storage.write_text(json.dumps({"config": cfg.to_dict(), "data_fingerprint": data_fp}, indent=2), JOB_FILE)
     storage.write_text(cfg.to_yaml(), CONFIG_FILE)
     train_data, val_data, streamed = datasets(cfg, train, val)
+    weighs = cfg.train.class_weights == "balanced" or "train.class_weights" in cfg.tune.space
+    counts = tuple(int(c) for c in label_counts(train)) if weighs else ()
     how = "streamed, decoded every epoch" if streamed else "decoded once, kept in the object store"
     print(
         f"data: {len(train)} train / {len(val)} val images at {side}px, {len(class_names)} classes "
@@ -225,7 +236,15 @@ def start_job(cfg: Config, storage: Storage) -> Job:
         num_train=len(train),
         num_val=len(val),
         group=f"{storage.name}-{data_fp[:8]}",
+        class_counts=counts,
     )
+
+
+def balanced_weights(counts: tuple[int, ...]) -> tuple[float, ...]:
+    """``images / (classes * images of the class)`` per class (scikit-learn's "balanced"); a
+    class without training images gets 0 (it has no loss to weigh)."""
+    total, k = sum(counts), len(counts)
+    return tuple(total / (k * c) if c else 0.0 for c in counts)
 
 
 def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, bool]:

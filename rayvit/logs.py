@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     # e.g. "Repo card metadata block was not found" for a local data set without a README
     huggingface_hub.utils.logging.set_verbosity_error()
+    # DDP's gradient layout check compares the strides of a depthwise convolution's weight
+    # gradient with its bucket's, including a size-1 dimension whose stride means nothing: a
+    # ConvNeXt warned once per worker about nothing.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     _quiet_ray()
 
 

@@ -1,9 +1,12 @@
 """Model FLOPs and utilisation (MFU): how much of the accelerator's peak a run uses.
 
-FLOPs are counted as 2 per multiply-add of the matrix products (what the peak figures
-count); norms, softmax, GELU and biases are left out, as usual for MFU. One trained
-image costs about 3x its forward pass (forward, and a backward pass of twice that).
-ViT-B/16 at 224 px: about 35.1 GFLOPs forward, 105 per trained image.
+FLOPs are counted as 2 per multiply-add of the matrix products and convolutions (what the
+peak figures count); norms, softmax, GELU and biases are left out, as usual for MFU. Any
+model's count comes from torch's FLOP counter (``torch.utils.flop_counter``) over one
+forward pass of a copy built on the meta device (no memory, no arithmetic); the ViT formula
+below is its cross-check. One trained image costs about 3x its forward pass (forward, and a
+backward pass of twice that). ViT-B/16 at 224 px: about 35.1 GFLOPs forward, 105 per
+trained image.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ _PEAK_BF16: tuple[tuple[str, float], ...] = (
 
 
 def _arch(model_config: Any) -> dict[str, int]:
-    """The sizes that matter, from a ``ModelConfig`` or a transformers ``ViTConfig``."""
+    """The sizes that matter, from a transformers ViT-family config."""
 
     def first(*names: str, default: int | None = None) -> int:
         for n in names:
@@ -46,14 +49,34 @@ def _arch(model_config: Any) -> dict[str, int]:
         "patch": first("patch_size"),
         "channels": first("num_channels", default=3),
         "hidden": first("hidden_size"),
-        "layers": first("num_hidden_layers", "num_layers"),
-        "mlp": first("intermediate_size", "mlp_dim"),
+        "layers": first("num_hidden_layers"),
+        "mlp": first("intermediate_size"),
         "labels": first("num_labels", default=1000),
     }
 
 
+def forward_flops_per_image(model_config: Any, image_size: int) -> float:
+    """Forward FLOPs of one ``image_size`` image through the image classifier that the
+    transformers config ``model_config`` describes, counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForImageClassification
+
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(model_config)
+        x = torch.empty(1, int(getattr(model_config, "num_channels", 3)), image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=x)
+    return float(counter.get_total_flops())
+
+
+def train_flops_per_image(model_config: Any, image_size: int) -> float:
+    """FLOPs of one trained image of any model: forward plus backward (twice the forward)."""
+    return TRAIN_TO_FORWARD * forward_flops_per_image(model_config, image_size)
+
+
 def vit_forward_flops_per_image(model_config: Any, num_labels: int | None = None) -> float:
-    """Forward FLOPs of one image through a ViT classifier (``ModelConfig`` or HF ``ViTConfig``)."""
+    """Forward FLOPs of one image through a ViT classifier (a transformers ViT config): the
+    cross-check of ``forward_flops_per_image``."""
     a = _arch(model_config)
     patches = (a["image"] // a["patch"]) ** 2
     tokens = patches + 1  # + CLS

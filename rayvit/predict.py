@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import ViTForImageClassification
 
 from rayvit.checkpoint import PROCESSOR_FILE, check_model_folder, read_metrics
+from rayvit.model import load_model
+from rayvit.plots import confusion_matrix
 from rayvit.preprocess import Preprocessor, preprocess_arrays
 
 
@@ -36,7 +37,7 @@ class Predictor:
     def __init__(self, model_dir: str | Path, device: torch.device | None = None) -> None:
         self.path = check_model_folder(model_dir)
         self.device = device or pick_device()
-        model = ViTForImageClassification.from_pretrained(self.path)
+        model = load_model(self.path)
         self.model: torch.nn.Module = model.to(self.device).eval()  # type: ignore[arg-type]
         proc = json.loads((self.path / PROCESSOR_FILE).read_text())
         self.pre = Preprocessor.from_processor_config(proc)
@@ -87,6 +88,39 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         return self.correct / max(1, self.count)
+
+
+def class_counts(r: EvalResult, num_classes: int) -> list[float]:
+    """Per class: true positives, predictions, images (what macro-F1 is summed from)."""
+    hit = np.bincount(r.labels[r.predictions == r.labels], minlength=num_classes)
+    pred = np.bincount(r.predictions, minlength=num_classes)
+    true = np.bincount(r.labels, minlength=num_classes)
+    return [float(v) for v in (*hit[:num_classes], *pred[:num_classes], *true[:num_classes])]
+
+
+def macro_f1(tp: list[float], pred: list[float], true: list[float]) -> float:
+    """Mean over classes of 2TP / (predicted + actual); a class with neither scores 0."""
+    return sum(2 * t / (p + n) if p + n else 0.0 for t, p, n in zip(tp, pred, true, strict=True)) / max(
+        1, len(tp)
+    )
+
+
+def class_report(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Macro-F1 and each class's accuracy (its recall), for ``metrics.json``."""
+    return confusion_report(confusion_matrix(labels, predictions, len(class_names)), class_names)
+
+
+def confusion_report(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and each class's accuracy (its recall) of a ``cm[true, predicted]``
+    confusion matrix: the reports of the test evaluation, the export and batch prediction."""
+    tp, pred, true = (list(map(float, v)) for v in (cm.diagonal(), cm.sum(axis=0), cm.sum(axis=1)))
+    return {
+        "accuracy": sum(tp) / max(1.0, float(cm.sum())),
+        "macro_f1": macro_f1(tp, pred, true),
+        "per_class_accuracy": {
+            c: (t / m if m else 0.0) for c, t, m in zip(class_names, tp, true, strict=True)
+        },
+    }
 
 
 def evaluate(

@@ -31,8 +31,8 @@ from rayvit.checkpoint import load_training_checkpoint, save_training_checkpoint
 from rayvit.config import Config
 from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
-from rayvit.perf import mfu, peak_flops, vit_train_flops_per_image
-from rayvit.predict import EvalResult, evaluate_batches, use_bf16
+from rayvit.perf import mfu, peak_flops, train_flops_per_image
+from rayvit.predict import EvalResult, class_counts, evaluate_batches, macro_f1, use_bf16
 from rayvit.preprocess import Preprocessor
 from rayvit.storage import Storage
 from rayvit.tracking import start_run
@@ -42,6 +42,8 @@ FAULT_MARKER = ".fault_injected"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 #: Names of the job's datasets in ``TorchTrainer(datasets=...)``.
 TRAIN, VAL = "train", "val"
+#: What a trial that failed or diverged reports: the worst value of every selection metric.
+WORST: dict[str, float] = {"val_accuracy": 0.0, "val_macro_f1": 0.0, "val_loss": 1e30}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class WorkerSpec:
     class_names: tuple[str, ...]
     num_train: int
     """Images of the training split (each rank trains on ``num_train // world`` an epoch)."""
+    class_weights: tuple[float, ...] | None
     run: Storage
     """This run's folder (Ray Train's ``storage_path/name``)."""
     wandb: WandbSpec
@@ -79,16 +82,42 @@ def warmup_cosine(total_steps: int, warmup_fraction: float) -> Any:
     return factor
 
 
+#: Modules whose own parameters are never decayed: normalisation layers of every kind.
+NO_DECAY_MODULES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LocalResponseNorm,
+    torch.nn.RMSNorm,
+    torch.nn.Embedding,
+)
+#: ... and transformers' own modules of those kinds, by the ends of their class names: a family's
+#: ``*LayerNorm``/``*RMSNorm``, the ``*Embeddings`` module that holds the class token and position
+#: embeddings, Swin's and BEiT's ``*RelativePositionBias`` tables.
+NO_DECAY_KINDS = ("Norm", "Embeddings", "PositionBias")
+
+
+def decays(module: torch.nn.Module, param_name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay for a parameter, chosen by the module that owns it, for any architecture:
+    none on norm layers, embedding tables and the tokens an ``*Embeddings`` module holds itself
+    (class token, position embeddings), relative position tables, biases and any other 1-D
+    parameter (layer scales)."""
+    return not (
+        isinstance(module, NO_DECAY_MODULES)
+        or type(module).__name__.endswith(NO_DECAY_KINDS)
+        or param_name == "bias"
+        or p.ndim < 2
+    )
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, embeddings' tokens (1-D or token params)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.endswith(("cls_token", "position_embeddings")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    """AdamW's two groups: decayed weights, and everything ``decays`` exempts."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (decay if decays(module, name, p) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -216,6 +245,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     forward: Any = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     shard = Shard(spec.num_train, world, cfg.train.batch_size)
+    class_weight = (
+        torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
+    )
     optimizer = torch.optim.AdamW(
         param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type == "cuda"
     )
@@ -244,7 +276,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker,
         _Validator(model, spec.pre, ray.train.get_dataset_shard(VAL), cfg, device, bf16),
         peak_flops(device),
-        vit_train_flops_per_image(model.config),
+        train_flops_per_image(model.config, spec.pre.image_size),
+        len(spec.class_names),
     )
     evals = min(cfg.train.evals_per_epoch, shard.steps)
     mid_epoch_evals = {round(shard.steps * k / evals) for k in range(1, evals)}
@@ -261,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             y = batch["label"]
             seen += len(y)
             try:
-                loss = train_step(forward, ddp_model, optimizer, x, y, cfg, bf16)
+                loss = train_step(forward, ddp_model, optimizer, x, y, cfg, bf16, class_weight)
             except DivergedError:
                 _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
                 return
@@ -313,6 +346,7 @@ def train_step(
     y: torch.Tensor,
     cfg: Config,
     bf16: bool,
+    class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimizer step; ``DivergedError`` (on every rank alike) when the gradients are not finite.
 
@@ -321,7 +355,7 @@ def train_step(
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = forward(pixel_values=x).logits
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+    loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.train.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.train.grad_clip or math.inf)
@@ -343,8 +377,8 @@ def _report_divergence(cfg: Config, epoch: int, step: int, scheduler: Any, rank:
     reason = f"non-finite loss at step {step + 1} of epoch {epoch} (learning rate {lr:.3g})"
     if rank == 0:
         say(f"error: training diverged: {reason}")
-    # val_accuracy 0 ranks a diverged trial last for Tune's scheduler; `diverged` says why.
-    ray.train.report({"epoch": epoch - 1 + 1e-3, "val_accuracy": 0.0, "diverged": reason})
+    # The worst value of every selection metric ranks a diverged trial last; `diverged` says why.
+    ray.train.report({"epoch": epoch - 1 + 1e-3, **WORST, "diverged": reason})
     if tracker is not None:
         tracker.finish()
 
@@ -365,9 +399,10 @@ class _Validator:
         batches = ((b["image"], b["label"]) for b in val_batches(self.shard, self.cfg, self.device))
         return evaluate_batches(self.model, self.pre, batches, self.device, self.bf16)
 
-    def sums(self) -> tuple[float, float, float]:
+    def sums(self, num_classes: int) -> list[float]:
+        """Loss sum, correct, count, then per class: true positives, predictions, images."""
         r = self.run()
-        return r.loss_sum, float(r.correct), float(r.count)
+        return [r.loss_sum, float(r.correct), float(r.count), *class_counts(r, num_classes)]
 
 
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
@@ -387,6 +422,7 @@ class _Progress:
     validator: _Validator
     peak: float | None
     flops_per_image: float
+    num_classes: int
 
     def metrics(
         self,
@@ -397,10 +433,10 @@ class _Progress:
         scheduler: Any,
         elapsed: float,
     ) -> dict[str, Any]:
-        val_loss, val_correct, val_n = self.validator.sums()
+        c = self.num_classes
         device = self.validator.device
-        total_loss, seen, v_loss, v_correct, v_n = _all_reduce(
-            [float(loss_sum), seen_here * 1.0, val_loss, val_correct, val_n], device
+        total_loss, seen, v_loss, v_correct, v_n, *per_class = _all_reduce(
+            [float(loss_sum), seen_here * 1.0, *self.validator.sums(c)], device
         )
         (max_time,) = _all_reduce([train_time], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
         img_s = seen / max(1e-9, max_time)
@@ -409,6 +445,7 @@ class _Progress:
             "train_loss": total_loss / max(1.0, seen),
             "val_loss": v_loss / max(1.0, v_n),
             "val_accuracy": v_correct / max(1.0, v_n),
+            "val_macro_f1": macro_f1(per_class[:c], per_class[c : 2 * c], per_class[2 * c :]),
             "images_per_s": img_s,
             "lr": float(scheduler.get_last_lr()[0]),
             "elapsed_s": elapsed,

@@ -10,7 +10,7 @@ from ray.serve import Application
 
 from rayvit.errors import UserError
 from rayvit.storage import is_uri
-from serve_app.deployment import ViTClassifier
+from serve_app.deployment import ImageClassifier
 from serve_app.model_source import local_model_folder
 from serve_app.settings import DEFAULT_MODEL_DIR, TRAIN_COMMAND, deployment_options, merge
 
@@ -42,7 +42,7 @@ def build_app(
     """The classifier application for ``model_dir``, with settings from ``config``.
 
     ``config`` is a Serve config file (default ``configs/serve.yaml``) whose
-    ``ViTClassifier`` deployment entry gives autoscaling, batching, resources
+    ``ImageClassifier`` deployment entry gives autoscaling, batching, resources
     and limits; ``overrides`` (same keys, merged on top) are for tests and tools.
     Fails before anything is deployed, with one line naming the path, when the
     model folder is missing or invalid or its weights are not finite.
@@ -58,7 +58,7 @@ def build_app(
         options = merge(deployment_options(config), overrides or {})
     except UserError as exc:
         raise BuildError(str(exc)) from None
-    deployment: Any = ViTClassifier  # the @serve.deployment wrapper, typed by its class
+    deployment: Any = ImageClassifier  # the @serve.deployment wrapper, typed by its class
     # A URI goes to the replicas as it is: each downloads it once into its node's cache.
     source = str(model_dir) if is_uri(str(model_dir)) else str(path)
     application: Application = deployment.options(**options).bind(source)

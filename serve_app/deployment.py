@@ -91,7 +91,7 @@ def _thread_count(requested: int | None) -> int:
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64)
 @serve.ingress()
-class ViTClassifier:
+class ImageClassifier:
     def __init__(self, model_dir: str) -> None:
         from transformers.utils import logging as hf_logging
 
@@ -198,14 +198,18 @@ class ViTClassifier:
             "labels": list(self.predictor.labels),
             "config": {
                 "architecture": type(self.predictor.model).__name__,
-                "image_size": int(getattr(cfg, "image_size", pre.image_size)),
-                "patch_size": int(getattr(cfg, "patch_size", 0)),
-                "hidden_size": int(getattr(cfg, "hidden_size", 0)),
-                "num_layers": int(getattr(cfg, "num_hidden_layers", 0)),
-                "num_heads": int(getattr(cfg, "num_attention_heads", 0)),
+                "model_type": str(getattr(cfg, "model_type", "")),
+                "image_size": pre.image_size,
                 "num_labels": len(self.predictor.labels),
                 "parameters": sum(p.numel() for p in self.predictor.model.parameters()),
-                "preprocessing": {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
+                "preprocessing": {
+                    "image_size": pre.image_size,
+                    "resize_side": pre.resize_side or pre.image_size,
+                    "shortest_edge": pre.shortest_edge,
+                    "resample": pre.resample,
+                    "mean": list(pre.mean),
+                    "std": list(pre.std),
+                },
             },
             "metrics": metrics,
             "metrics_omitted": omitted,

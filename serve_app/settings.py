@@ -25,7 +25,7 @@ DEFAULT_MODEL_DIR = "runs/quick/best"
 TRAIN_COMMAND = (
     "python ray_jobs/train.py --config configs/quick.yaml data.path=PATH/TO/cifar10 output_dir=runs/quick"
 )
-DEPLOYMENT_NAME = "ViTClassifier"
+DEPLOYMENT_NAME = "ImageClassifier"
 IMPORT_PATH = "serve_app:app"
 
 #: Keys of a deployment entry that ``Deployment.options`` takes.
@@ -112,7 +112,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def deployment_options(config_path: str | Path | None = None) -> dict[str, Any]:
-    """The ``ViTClassifier`` entry of the serve config, as ``Deployment.options`` kwargs."""
+    """The ``ImageClassifier`` entry of the serve config, as ``Deployment.options`` kwargs."""
     path = Path(config_path).expanduser() if config_path else DEFAULT_CONFIG
     data = _load_yaml(path)
     apps = data.get("applications") or []

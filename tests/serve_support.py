@@ -25,10 +25,10 @@ from rayvit.preprocess import preprocess_arrays
 
 TINY_MODEL = [
     "model.image_size=32",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.mlp_dim=64",
+    "model.arch.hidden_size=32",
+    "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=2",
+    "model.arch.intermediate_size=64",
 ]
 
 #: Replicas import this checkout's code, whatever else the Python environment has installed.

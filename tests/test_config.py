@@ -35,8 +35,8 @@ def test_unknown_key_names_key_and_suggestion() -> None:
 
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("model:\n  hiden_size: 3\n")
-    with pytest.raises(UserError, match=r"'model\.hiden_size'.*'model\.hidden_size'"):
+    f.write_text("model:\n  image_sise: 3\n")
+    with pytest.raises(UserError, match=r"'model\.image_sise'.*'model\.image_size'"):
         load_config(f)
 
 
@@ -144,8 +144,8 @@ BAD_CONFIGS = [
         "invalid value for 'model.image_mean': List should have at least 3 items after validation, not 2 (got [0.5, 0.5])",
     ),
     (
-        "model.pretrained=null model.hidden_size=30 model.num_heads=4",
-        "model.hidden_size=30 is not a multiple of model.num_heads=4",
+        "model.pretrained=null model.arch.hidden_size=30 model.arch.num_attention_heads=4",
+        "model.arch.hidden_size=30 is not a multiple of model.arch.num_attention_heads=4",
     ),
     ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
     ("sed=1", "unknown config key 'sed' (did you mean 'seed'?)"),
@@ -200,9 +200,7 @@ def test_help_lists_every_key_with_type_default_and_meaning() -> None:
         assert f"  {key} (" in out, key
     # type, bounds and default on the key's line, its docstring below it
     assert "  train.batch_size (int >= 1, default 64)\n      Per worker." in out
-    assert (
-        "  tune.lrs (list[float > 0] (non-empty) | null, default null)\n      Grid of learning rates" in out
-    )
+    assert "  tune.lrs (list[float > 0] (non-empty) | null, default null)\n      Shorthand for" in out
     assert "  scaling.num_workers (int >= 1 | list[int >= 1] (2 items) | 'auto', default auto)" in out
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 from cluster_support import S3Server, s3_server  # noqa: F401  # a fixture
+from support import require_data
 
 from rayvit.config import DataConfig
-from rayvit.data import load_test, load_train_val, plan_test, plan_train_val, split_indices
+from rayvit.data import label_counts, load_test, load_train_val, plan_test, plan_train_val, split_indices
 from rayvit.errors import UserError
 
 
@@ -147,3 +148,18 @@ def test_hub_id_reads_the_downloaded_cache_files(tmp_path: Path, monkeypatch: py
     shutil.rmtree(tmp_path / "cache")
     assert np.array_equal(train.arrays(hub).images, ref.train.images)
     assert (tmp_path / "cache").is_dir()
+
+
+def test_label_counts_come_from_the_label_column_alone() -> None:
+    """What ``train.class_weights: balanced`` weighs by: the plan's labels, no image decoded."""
+    from rayvit.job import balanced_weights
+
+    cfg = DataConfig(path=str(require_data()), train_limit=300, val_limit=50)
+    train, _, names = plan_train_val(cfg, 0, 8)
+    counts = label_counts(train)
+    assert counts.sum() == 300 and len(counts) == len(names) == 10
+    assert (counts == np.bincount(train.arrays(cfg).labels, minlength=10)).all()
+    weights = balanced_weights(tuple(int(c) for c in counts))
+    # every class then weighs the same in the loss: count x weight = images / classes
+    assert [c * w for c, w in zip(counts, weights, strict=True)] == pytest.approx([30.0] * 10)
+    assert balanced_weights((10, 30, 0)) == pytest.approx((40 / 30, 40 / 90, 0.0))

@@ -142,7 +142,7 @@ def test_streamed_epoch_on_data_far_larger_than_memory(tmp_path: Path) -> None:
         "data.max_in_memory_bytes=0",  # stream, however small
         "data.decode_batch_size=16",
         "model.image_size=64",
-        "model.patch_size=16",
+        "model.arch.patch_size=16",
         "scaling.num_workers=1",
         "scaling.cpus_per_worker=1",
         "ray.num_cpus=3",

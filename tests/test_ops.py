@@ -469,7 +469,9 @@ def test_dvc_repro_whole_pipeline_and_model_roundtrip(tmp_path: Path) -> None:
     repo = make_repo(tmp_path, train_rows=200, test_rows=100)
     quick = yaml.safe_load((repo / "configs" / "quick.yaml").read_text())
     quick["data"].update(train_limit=160, val_limit=40)
-    quick["model"].update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+    quick["model"]["arch"].update(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     quick["train"].update(epochs=2, batch_size=32, eval_batch_size=100)
     quick["scaling"].update(num_workers=1, cpus_per_worker=1)
     quick["ray"] = {"num_cpus": 2}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rayvit.config import ModelConfig
-from rayvit.model import build_model
+from rayvit.model import FAMILIES, build_model
 from rayvit.train_loop import param_groups, warmup_cosine
 
 
@@ -51,7 +51,11 @@ def test_schedule_drives_the_optimizer_lr() -> None:
 
 def test_param_groups_decay_weights_only() -> None:
     cfg = ModelConfig(
-        pretrained=None, image_size=16, patch_size=4, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32
+        pretrained=None,
+        image_size=16,
+        arch=dict(
+            patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+        ),
     )
     model = build_model(cfg, ["a", "b", "c"])
     model.get_parameter("vit.embeddings.patch_embeddings.projection.bias").requires_grad_(False)  # frozen
@@ -80,3 +84,28 @@ def test_param_groups_decay_weights_only() -> None:
     assert len(norms) >= 2 * 2 * 2 and norms <= kept  # two norms (weight, bias) per block, at least
     assert "classifier.weight" in decayed and "vit.embeddings.patch_embeddings.projection.weight" in decayed
     assert sum(1 for n in decayed if n.endswith("weight")) == len(decayed) >= 2 * 6 + 2  # q k v o fc1 fc2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_param_groups_by_module_type_in_every_family(family: str) -> None:
+    """Norm layers (BatchNorm, LayerNorm and a family's own), biases and the tokens an embeddings
+    module holds get no decay in every family; convolution and linear weights do."""
+    cfg = ModelConfig(pretrained=None, model_type=family, image_size=32, arch=FAMILIES[family].tiny)
+    model = build_model(cfg, ["a", "b", "c"])
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    owner = {
+        f"{m}.{n}".lstrip("."): mod
+        for m, mod in model.named_modules()
+        for n, _ in mod.named_parameters(recurse=False)
+    }
+    for name in kept:
+        kind = type(owner[name]).__name__
+        assert model.get_parameter(name).ndim < 2 or kind.endswith(("Norm", "Embeddings", "PositionBias"))
+    for name in decayed:
+        kind = type(owner[name]).__name__
+        assert isinstance(owner[name], (torch.nn.Linear, torch.nn.Conv2d)), (name, kind)
+    assert any("classifier" in n and n.endswith("weight") for n in decayed)

@@ -2,51 +2,90 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rayvit.config import ModelConfig
-from rayvit.model import build_model
-from rayvit.perf import mfu, peak_flops, peak_flops_of, vit_forward_flops_per_image, vit_train_flops_per_image
+from rayvit.model import FAMILIES, architecture_config, build_model
+from rayvit.perf import (
+    forward_flops_per_image,
+    mfu,
+    peak_flops,
+    peak_flops_of,
+    train_flops_per_image,
+    vit_forward_flops_per_image,
+    vit_train_flops_per_image,
+)
 
 CLASSES = [f"c{i}" for i in range(10)]
 
 
 def test_vit_b16_224_is_35_gflops_forward_and_3x_trained() -> None:
-    vit_b = ModelConfig()  # the defaults are ViT-B/16 at 224 px
-    fwd = vit_forward_flops_per_image(vit_b, num_labels=1000)
+    vit_b = architecture_config(ModelConfig(pretrained=None), 1000)  # the defaults: ViT-B/16 at 224 px
+    fwd = vit_forward_flops_per_image(vit_b)
     assert fwd == pytest.approx(35.1e9, rel=0.005)
-    assert vit_train_flops_per_image(vit_b, num_labels=1000) == pytest.approx(3 * fwd)
-    # a transformers ViTConfig works too and gives the same count
-    from transformers import ViTConfig
+    assert vit_train_flops_per_image(vit_b) == pytest.approx(3 * fwd)
+    # torch's counter on the meta device agrees with the formula (its cross-check)
+    assert forward_flops_per_image(vit_b, 224) == pytest.approx(fwd, rel=1e-6)
+    assert train_flops_per_image(vit_b, 224) == pytest.approx(3 * fwd, rel=1e-6)
 
-    hf = ViTConfig()
-    hf.num_labels = 1000
-    assert vit_forward_flops_per_image(hf) == pytest.approx(fwd)
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_any_family_is_counted_like_a_real_forward_pass(family: str) -> None:
+    """The meta-device count of any family (with its default attention kernel) equals torch's
+    count of a real forward pass with the plain attention: on the CPU torch's counter has no
+    formula for SDPA's CPU kernel, so a real SDPA pass would leave attention out."""
+    arch = FAMILIES[family].tiny
+    eager = ModelConfig(
+        pretrained=None, model_type=family, image_size=32, arch=arch, attn_implementation="eager"
+    )
+    model = build_model(eager, CLASSES).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 32, 32))
+    default = build_model(eager.model_copy(update={"attn_implementation": "auto"}), CLASSES)
+    counted = forward_flops_per_image(default.config, 32)
+    assert counted > 0 and counted == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 @pytest.mark.parametrize(
     "sizes",
     [
-        dict(image_size=32, patch_size=4, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96),
-        dict(image_size=24, patch_size=8, hidden_size=64, num_layers=3, num_heads=4, mlp_dim=256),
+        (
+            32,
+            dict(
+                patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96
+            ),
+        ),
+        (
+            24,
+            dict(
+                patch_size=8,
+                hidden_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                intermediate_size=256,
+            ),
+        ),
     ],
 )
-def test_formula_matches_torch_flop_counter(sizes: dict[str, int]) -> None:
-    cfg = ModelConfig.model_validate({"pretrained": None, "attn_implementation": "eager", **sizes})
+def test_formula_matches_torch_flop_counter(sizes: tuple[int, dict[str, Any]]) -> None:
+    side, arch = sizes
+    cfg = ModelConfig(pretrained=None, attn_implementation="eager", image_size=side, arch=arch)
     model = build_model(cfg, CLASSES)
     x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     with FlopCounterMode(display=False) as fwd_counter:
         model(pixel_values=x).logits.sum()
     per_image = fwd_counter.get_total_flops() / 2
-    assert vit_forward_flops_per_image(cfg, len(CLASSES)) == pytest.approx(per_image, rel=1e-9)
+    assert vit_forward_flops_per_image(model.config) == pytest.approx(per_image, rel=1e-9)
 
     with FlopCounterMode(display=False) as train_counter:
         model(pixel_values=x).logits.sum().backward()
     trained = train_counter.get_total_flops() / 2
     # backward is twice the forward, less the input gradient of the patch embedding
-    assert 2.9 * per_image < trained <= vit_train_flops_per_image(cfg, len(CLASSES))
+    assert 2.9 * per_image < trained <= vit_train_flops_per_image(model.config)
 
 
 @pytest.mark.parametrize(

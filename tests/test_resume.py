@@ -16,7 +16,12 @@ from rayvit.job import JOB_FILE, check_resume
 from rayvit.model import build_model, build_preprocessor
 from rayvit.storage import Storage
 
-TINY_MODEL = ["model.hidden_size=16", "model.num_layers=1", "model.num_heads=2", "model.mlp_dim=32"]
+TINY_MODEL = [
+    "model.arch.hidden_size=16",
+    "model.arch.num_hidden_layers=1",
+    "model.arch.num_attention_heads=2",
+    "model.arch.intermediate_size=32",
+]
 
 
 def _checkpoint(folder: Path, epoch: int) -> None:

@@ -21,7 +21,7 @@ def _running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    dep = status.deployments["ViTClassifier"]
+    dep = status.deployments["ImageClassifier"]
     return sum(n for state, n in dep.replica_states.items() if state == "RUNNING")  # a str enum
 
 

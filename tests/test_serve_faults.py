@@ -47,7 +47,7 @@ def _running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    dep = status.deployments["ViTClassifier"]
+    dep = status.deployments["ImageClassifier"]
     return sum(n for state, n in dep.replica_states.items() if state == "RUNNING")
 
 
@@ -179,7 +179,7 @@ def test_storage_down_at_replica_start_fails_the_replica_with_one_line(
         assert wait_until(failed, 180), serve.status().applications.get("storage-down")
         elapsed = time.monotonic() - t0
         status = serve.status().applications["storage-down"]
-        message = status.deployments["ViTClassifier"].message
+        message = status.deployments["ImageClassifier"].message
         lines = [ln for ln in message.splitlines() if "storage unreachable" in ln]
         print(f"\nstorage down: {status.status} after {elapsed:.1f} s: {lines}")
         assert lines, message[-2000:]

@@ -291,6 +291,7 @@ def test_health_model_info_and_upload_page(classifier: str) -> None:
     info = requests.get(f"{classifier}/model", timeout=TIMEOUT).json()
     assert info["name"] == "model-a" and info["metrics"]["seed"] == 1
     assert info["config"]["image_size"] == 32 and info["config"]["num_labels"] == 10
+    assert info["config"]["model_type"] == "vit" and info["config"]["preprocessing"]["resample"] == "bilinear"
     assert info["labels"][:2] == ["airplane", "automobile"]
     assert info["serving"]["max_batch_size"] == 16
     page = requests.get(f"{classifier}/", timeout=TIMEOUT)

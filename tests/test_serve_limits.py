@@ -367,7 +367,7 @@ def test_model_with_non_finite_outputs_fails_its_warm_up(
     with pytest.raises(RuntimeError, match="Deploying application nan failed"):
         deploy(bad, "nan", "/nan")
     try:
-        message = serve.status().applications["nan"].deployments["ViTClassifier"].message
+        message = serve.status().applications["nan"].deployments["ImageClassifier"].message
         lines = [ln for ln in message.splitlines() if "outputs are not finite" in ln]
         assert lines, message[-2000:]
         assert f"model folder {bad}: outputs are not finite" in lines[-1]

@@ -254,7 +254,8 @@ def test_model_with_non_finite_weights_fails_at_build_time(tmp_path: Path) -> No
     from rayvit.model import build_model, build_preprocessor
 
     cfg = load_config(
-        ROOT / "configs" / "quick.yaml", ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=1"]
+        ROOT / "configs" / "quick.yaml",
+        ["model.arch.hidden_size=32", "model.arch.num_attention_heads=2", "model.arch.num_hidden_layers=1"],
     )
     model = build_model(cfg.model, ["a", "b"])
     with torch.no_grad():

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import TINY, require_data, run_train_cli, tiny_config
 
 import tuning.sweep as sweep
+from rayvit.config import load_config
 from rayvit.errors import UserError
 from tuning.sweep import TrialRow, select_best
 
@@ -27,7 +29,12 @@ def sweep_run(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> di
     """
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = tiny_config(
-        tmp, "tune.lrs=[1e-3,50.0]", "train.epochs=2", "tune.grace_period=2", "scaling.num_workers=1"
+        tmp,
+        "tune.lrs=[1e-3,50.0]",
+        "tune.search_space.train.label_smoothing.choice=[0.1]",  # a second searched key
+        "train.epochs=2",
+        "tune.grace_period=2",
+        "scaling.num_workers=1",
     )
     calls: list[str] = []
     from rayvit.export import evaluate_on_test as original
@@ -51,14 +58,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_best_trial_is_chosen_by_validation_accuracy(sweep_run: dict[str, Any]) -> None:
     out = sweep_run["out"]
     rows = _rows(out / "sweep.csv")
-    assert sorted(float(r["lr"]) for r in rows) == [1e-3, 50.0]
+    assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 50.0]
+    assert [r["train.label_smoothing"] for r in rows] == ["0.1", "0.1"]  # every searched key, a column
     best = [r for r in rows if r["best"] == "True"]
-    assert len(best) == 1 and float(best[0]["lr"]) == 1e-3
+    assert len(best) == 1 and float(best[0]["train.lr"]) == 1e-3
     assert float(best[0]["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in rows)
     for r in rows:
         assert {"trial_id", "epochs_completed", "stopped_early"} <= set(r)
     metrics = json.loads((out / "best" / "metrics.json").read_text())
     assert metrics["learning_rate"] == 1e-3
+    assert metrics["searched"] == {"train.lr": 1e-3, "train.label_smoothing": 0.1}
+    assert 0.0 <= metrics["test_macro_f1"] <= 1.0 and len(metrics["test_per_class_accuracy"]) == 10
+    exported = yaml.safe_load((out / "best" / "config.yaml").read_text())
+    assert exported["train"]["lr"] == 1e-3 and exported["train"]["label_smoothing"] == 0.1
     assert metrics["sweep"]["trials"] == 2
     assert _rows(out / "best" / "sweep.csv") == rows  # lineage travels with the model
     for png in ("training_curves.png", "confusion_matrix.png"):
@@ -75,9 +87,11 @@ def test_test_split_is_read_once_after_selection(sweep_run: dict[str, Any]) -> N
 
 def test_selection_ignores_everything_but_validation() -> None:
     def row(tid: str, lr: float, acc: float, epoch: int = 2, path: str = "x") -> TrialRow:
-        return TrialRow(tid, lr, epoch, acc, epoch, False, "OK", "", path, {"epoch": epoch}, [])
+        return TrialRow(tid, {"train.lr": lr}, epoch, acc, epoch, False, "OK", "", path, {"epoch": epoch}, [])
 
     assert select_best([row("a", 1e-3, 0.4), row("b", 1e-2, 0.6), row("c", 1.0, 0.1)]).trial_id == "b"
+    # a loss is minimised: the same rows, the other way round
+    assert select_best([row("a", 1e-3, 0.4), row("b", 1e-2, 0.6), row("c", 1.0, 0.1)], "min").trial_id == "c"
     # a tie goes to the earlier epoch; a trial without checkpoint is never chosen
     assert select_best([row("a", 1e-3, 0.5, 3), row("b", 1e-2, 0.5, 1)]).trial_id == "b"
     assert select_best([row("a", 1e-3, 0.9, path=""), row("b", 1e-2, 0.2)]).trial_id == "b"
@@ -94,13 +108,13 @@ def test_a_trial_s_equal_scores_pick_the_checkpoint_ray_train_keeps() -> None:
         {"epoch": e, "val_accuracy": 0.25, "checkpoint_path": f"ckpt_{e}", "trial_id": "t"} for e in (1, 2, 3)
     ]
     result = Result(
-        metrics={**history[-1], "config": {"lr": 1e-3}},
+        metrics={**history[-1], "config": {"train.lr": 1e-3}},
         checkpoint=None,
         error=None,
         path="trials/t",
         metrics_dataframe=pd.DataFrame(history),
     )
-    (row,) = sweep.trial_rows([result], epochs=3)
+    (row,) = sweep.trial_rows([result], load_config(None, ["train.epochs=3"]))
     assert (row.checkpoint_path, row.best_epoch) == ("ckpt_3", 3)
 
 
@@ -174,14 +188,17 @@ def test_rerun_resumes_and_skips_finished_trials(sweep_run: dict[str, Any]) -> N
 def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Path) -> None:
     cfg = tiny_config(
         tmp_path,
-        "tune.lrs=[1e-3,2e-3]",
+        # Optuna's TPE through OptunaSearch: a real sweep of its proposals, at no extra cost
+        "tune.search_alg=optuna",
+        "tune.num_samples=2",
+        "tune.search_space.train.lr.choice=[1e-3,2e-3]",
         "train.epochs=2",
         "train.inject_fault_epoch=1",
         "train.max_failures=0",
         "tune.grace_period=2",  # ASHA must not stop a trial before its fault in epoch 2
         "scaling.num_workers=1",
     )
-    with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.001\)"):
+    with pytest.raises(UserError, match=r"every trial failed: trial \S+ \(lr=0\.00[12]\)"):
         sweep.run_job(cfg)
     rows = _rows(Path(cfg.output_dir) / "sweep.csv")
     assert len(rows) == 2 and all(r["status"] == "ERROR" for r in rows)
@@ -206,7 +223,7 @@ def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> No
     ]
     run = run_train_cli(args, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = {float(r["lr"]): r for r in _rows(out / "sweep.csv")}
+    rows = {float(r["train.lr"]): r for r in _rows(out / "sweep.csv")}
     assert rows[50.0]["epochs_completed"] == "0.5" and rows[50.0]["stopped_early"] == "True"
     assert rows[1e-3]["epochs_completed"] == "2" and rows[1e-3]["best"] == "True"
     assert json.loads((out / "best" / "metrics.json").read_text())["learning_rate"] == 1e-3

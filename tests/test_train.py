@@ -73,6 +73,12 @@ def test_two_worker_run_writes_checkpoint_and_export(trained_run: Path) -> None:
         "created_at",
     ):
         assert key in metrics, key
+    assert metrics["searched"] == {}  # a single run searches nothing
+    assert 0.0 <= metrics["val_macro_f1"] <= 1.0 and 0.0 <= metrics["test_macro_f1"] <= 1.0
+    per_class = metrics["test_per_class_accuracy"]
+    assert list(per_class) == metrics["data"]["class_names"] and all(
+        0.0 <= v <= 1.0 for v in per_class.values()
+    )
     assert metrics["data"]["source"] == str(DATA_DIR)
     assert len(metrics["data"]["fingerprint"]) > 16
     assert metrics["data"]["num_train"] == 320 and metrics["data"]["num_test"] == 200
@@ -185,6 +191,10 @@ def test_worker_fault_resumes_from_checkpoint_not_from_scratch(ray_cluster: None
     ("args", "message"),
     [
         (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (
+            ["tune.search_space.train.batch_size.uniform=[16,64]"],
+            "tune.search_space['train.batch_size']: uniform gives 16.0: Input should be a valid integer",
+        ),
         # these start Ray first (30-60 s each on a busy machine): the full suite checks them
         pytest.param(
             ["data.path=/nonexistent/cifar"],
@@ -278,10 +288,10 @@ def test_a_tiny_run_learns(ray_cluster: None, tmp_path: Path) -> None:
         "data.train_limit=4000",
         "data.val_limit=500",
         "data.test_limit=1000",
-        "model.hidden_size=96",
-        "model.num_layers=4",
-        "model.num_heads=3",
-        "model.mlp_dim=192",
+        "model.arch.hidden_size=96",
+        "model.arch.num_hidden_layers=4",
+        "model.arch.num_attention_heads=3",
+        "model.arch.intermediate_size=192",
         "train.epochs=3",
         "train.batch_size=64",
         "train.lr=2e-3",

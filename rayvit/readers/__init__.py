@@ -1,4 +1,5 @@
-"""Readers of every source kind, behind the same two operations: list units, read rows.
+"""Readers of every source kind, behind the same operations: list units, read rows (and a
+split's labels, without its images).
 
 ``open_source`` resolves ``data.path`` to a ``Source`` (files, splits, class names) from
 listings and file footers only; then for each kind (one module each) ``list_units`` cuts rows
@@ -31,8 +32,8 @@ from rayvit.readers.base import (
 )
 from rayvit.storage import Storage, is_uri
 
-#: The reader of each source kind: a module with ``list_units(split, rows)`` and
-#: ``read_rows(unit, source, fs, block_rows)``.
+#: The reader of each source kind: a module with ``list_units(split, rows)``,
+#: ``read_rows(unit, source, fs, block_rows)`` and ``read_labels(split, source)``.
 READERS: dict[str, ModuleType] = {
     "parquet": parquet,
     "arrow": hub,
@@ -50,6 +51,7 @@ __all__ = [
     "SplitFiles",
     "decode_unit",
     "open_source",
+    "split_labels",
     "units_for",
 ]
 
@@ -89,6 +91,12 @@ def open_source(cfg: DataConfig, endpoint_url: str | None = None, *, unlabelled:
 def units_for(source: Source, split: str, rows: np.ndarray) -> list[str]:
     """One JSON unit of work per file piece that holds any of ``rows`` (global indices)."""
     return [json.dumps(u) for u in READERS[source.kind].list_units(source.split(split), rows)]
+
+
+def split_labels(source: Source, split: str) -> np.ndarray:
+    """Every row's label of ``split``, from the labels alone (no image is read)."""
+    labels: np.ndarray = READERS[source.kind].read_labels(source.split(split), source)
+    return labels
 
 
 def decode_unit(

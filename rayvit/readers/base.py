@@ -127,6 +127,11 @@ def first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def file_labels(split: SplitFiles, source: Source) -> np.ndarray:
+    """Every row's label of a split of image files (known from the listing: no file is read)."""
+    return np.asarray(split.labels, dtype=np.int64)
+
+
 def file_units(split: SplitFiles, rows: np.ndarray) -> list[dict[str, Any]]:
     """Units of a source of image files: the files themselves, their labels and indices."""
     return [

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rayvit.config import DataConfig
 from rayvit.errors import UserError
 from rayvit.readers.base import RowBlock, Source, SplitFiles, first_line, is_local, table_rows, table_units
@@ -52,6 +54,18 @@ def read_rows(unit: dict[str, Any], source: Source, fs: Any, block_rows: int) ->
         table = pa.ipc.open_stream(mm).read_all().select([source.image_column, source.label_column])
     table = table.slice(unit["group"], (max(unit["keep"]) + 1) if unit["keep"] else 0)
     yield from table_rows(unit, source, table, block_rows)
+
+
+def read_labels(split: SplitFiles, source: Source) -> np.ndarray:
+    """Every row's label of the split, from the label column of its Arrow cache files."""
+    import pyarrow as pa
+
+    parts = []
+    for path in dict.fromkeys(u[0] for u in split.units):  # files in row order
+        _download_here(path, source)
+        with pa.memory_map(path) as mm:
+            parts.append(pa.ipc.open_stream(mm).read_all().column(source.label_column).to_numpy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def load_dataset_dict(path: str, cache_dir: str | None = None) -> Any:

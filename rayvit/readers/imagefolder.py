@@ -8,11 +8,12 @@ from typing import Any
 
 from rayvit.config import DataConfig
 from rayvit.errors import UserError
-from rayvit.readers.base import Source, SplitFiles, file_rows, file_split, file_units
+from rayvit.readers.base import Source, SplitFiles, file_labels, file_rows, file_split, file_units
 from rayvit.storage import Storage
 
 list_units = file_units
 read_rows = file_rows
+read_labels = file_labels
 
 
 def open_files(cfg: DataConfig, store: Storage, infos: list[Any], rel: dict[str, str]) -> Source:

@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from rayvit.config import DataConfig
-from rayvit.readers.base import NO_LABEL, Source, file_rows, file_split, file_units
+from rayvit.readers.base import NO_LABEL, Source, file_labels, file_rows, file_split, file_units
 from rayvit.storage import Storage
 
 SPLIT = "images"
 
 list_units = file_units
 read_rows = file_rows
+read_labels = file_labels
 
 
 def open_files(cfg: DataConfig, store: Storage, infos: list[Any], rel: dict[str, str]) -> Source:

@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from rayvit.config import DataConfig
 from rayvit.errors import UserError
 from rayvit.readers.base import RowBlock, Source, SplitFiles, first_line, table_rows, table_units
@@ -57,6 +59,17 @@ def read_rows(unit: dict[str, Any], source: Source, fs: Any, block_rows: int) ->
             unit["group"], columns=[source.image_column, source.label_column]
         )
     yield from table_rows(unit, source, table, block_rows)
+
+
+def read_labels(split: SplitFiles, source: Source) -> np.ndarray:
+    """Every row's label of the split, from the label column alone (no image is read)."""
+    import pyarrow.parquet as pq
+
+    fs, parts = source.storage.filesystem(), []
+    for path in dict.fromkeys(u[0] for u in split.units):  # files in row order
+        with fs.open_input_file(path) as f:
+            parts.append(pq.read_table(f, columns=[source.label_column]).column(0).to_numpy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def _split_of(rel_path: str) -> str:
