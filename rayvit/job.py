@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from rayvit.checkpoint import CONFIG_FILE
 from rayvit.cluster import Placement, init_ray, resolve_placement
 from rayvit.config import Config
-from rayvit.data import SplitPlan, epoch_seed, plan_train_val, quiet_ray_data
+from rayvit.data import SplitPlan, epoch_seed, plan_train_val, quiet_ray_data, stored_side
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
@@ -196,7 +196,7 @@ def start_job(cfg: Config, storage: Storage) -> Job:
     placement = resolve_placement(cfg)
     pre = build_preprocessor(cfg.model)
     t0 = time.perf_counter()
-    side = cfg.data.image_size or cfg.model.image_size
+    side = stored_side(cfg.data, cfg.model.image_size)
     train, val, class_names = plan_train_val(cfg.data, cfg.seed, side, cfg.storage.endpoint_url)
     data_fp = hashlib.sha256(f"{train.fingerprint}|{val.fingerprint}".encode()).hexdigest()[:16]
     check_resume(cfg, storage, data_fp)
@@ -236,13 +236,19 @@ def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, b
     then reordered every epoch. Larger data streams: the units' order is reseeded every epoch
     and decoding runs alongside training, within Ray Data's object-store budget.
     """
-    if train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes:
+    if streams(cfg, train, val):
         return train.dataset(cfg.data, shuffle_seed=cfg.seed), val.dataset(cfg.data), True
     try:
         kept_train, kept_val = train.dataset(cfg.data).materialize(), val.dataset(cfg.data).materialize()
     except Exception as exc:
         raise _decode_error(exc) from exc
     return kept_train.randomize_block_order(seed=epoch_seed(cfg.seed)), kept_val, False
+
+
+def streams(cfg: Config, train: SplitPlan, val: SplitPlan) -> bool:
+    """Whether the decoded train and validation images pass ``data.max_in_memory_bytes`` (and are
+    decoded again every epoch) instead of being decoded once and kept."""
+    return train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes
 
 
 def _decode_error(exc: Exception) -> Exception:
