@@ -184,7 +184,9 @@ class ScalingSection(_Section):
     ) = "auto"
     """A fixed count, an elastic ``[min, max]`` range (Ray Train V2 resizes between them), or auto =
     one worker per GPU on a fixed cluster (one CPU worker without GPUs), the elastic range
-    ``[1, auto_max_workers]`` on an autoscaling one."""
+    ``[1, auto_max_workers]`` on an autoscaling one. A sweep's trials each run at the range's
+    upper end, fixed (same global batch, same schedule, comparable); a single run is elastic.
+    A run's workers share one node when they fit on it."""
     use_gpu: bool | Literal["auto"] = "auto"
     """Train on GPUs (one per worker); auto = when the cluster has any or its autoscaler can add one."""
     cpus_per_worker: PositiveFloat = 1.0

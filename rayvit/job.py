@@ -83,8 +83,15 @@ class Job:
     group: str
     """The wandb group of the job's runs."""
 
-    def trainer(self, lr: float, name: str, callbacks: list[Any] | None = None) -> TorchTrainer:
-        """The ``TorchTrainer`` of one run at learning rate ``lr`` (one Tune trial)."""
+    def trainer(
+        self, lr: float, name: str, callbacks: list[Any] | None = None, fixed_world: bool = False
+    ) -> TorchTrainer:
+        """The ``TorchTrainer`` of one run at learning rate ``lr`` (one Tune trial).
+
+        ``fixed_world`` (a sweep's trials): the run keeps one worker count, the upper end of an
+        elastic range, so that every trial has the same global batch and schedule and ASHA
+        compares like with like; a single run keeps the elastic range. Either way the workers
+        are packed onto one node when they fit there (Ray's PACK placement)."""
         cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"lr": lr})})
         trials = self.storage.child(TRIALS_DIR)
         spec = WorkerSpec(
@@ -103,9 +110,10 @@ class Job:
             datasets={TRAIN: self.train_data, VAL: self.val_data},
             dataset_config=Ingest(),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
+                num_workers=self.placement.max_workers if fixed_world else self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
                 use_gpu=self.placement.use_gpu,
                 resources_per_worker=dict(self.placement.resources_per_worker),
+                placement_strategy="PACK",
             ),
             run_config=ray.train.RunConfig(
                 name=name,

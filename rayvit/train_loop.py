@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from rayvit.checkpoint import load_training_checkpoint, save_training_checkpoint
+from rayvit.checkpoint import load_training_checkpoint, model_without_weights, save_training_checkpoint
 from rayvit.config import Config
 from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
@@ -229,9 +229,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = use_bf16(cfg.train.precision, device)
     train_shard = ray.train.get_dataset_shard(TRAIN)
 
-    restored = load_training_checkpoint(ray.train.get_checkpoint(), cfg.model.attn_implementation)
-    model = restored.model if restored else build_model(cfg.model, list(spec.class_names))
-    ddp_model = prepare(model, cfg, device)
+    model, state = restore(ray.train.get_checkpoint(), spec, rank, world)
+    ddp_model = prepare(model, cfg, device)  # DDP sends rank 0's weights to every rank
+    state = _from_rank0(state, world)
     forward: Any = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     shard = Shard(spec.num_train, world, step_rows(cfg))
@@ -240,13 +240,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer, warmup_cosine(shard.steps * cfg.train.epochs, cfg.train.warmup_fraction)
     )
     start_epoch, elapsed_before = 1, 0.0
-    if restored is not None:
-        optimizer.load_state_dict(restored.state["optimizer"])
-        scheduler.load_state_dict(restored.state["scheduler"])
-        start_epoch = int(restored.state["epoch"]) + 1
-        elapsed_before = float(restored.state.get("elapsed_s", 0.0))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
-            say(f"resuming from checkpoint after epoch {restored.state['epoch']}")
+            say(f"resuming from checkpoint after epoch {state['epoch']}")
 
     tracker = None
     if rank == 0 and spec.wandb.mode != "disabled":
@@ -312,6 +312,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report_checkpoint(metrics, rank, model, spec.pre, optimizer, scheduler, epoch, cfg)
     if tracker is not None:
         tracker.finish()
+
+
+def restore(checkpoint: Any, spec: WorkerSpec, rank: int, world: int) -> tuple[Any, dict[str, Any] | None]:
+    """The model, and the training state to resume from (None: start fresh).
+
+    Only rank 0 reads the checkpoint; the other ranks build the same architecture from its
+    ``config.json`` and get the weights from DDP's broadcast when the model is wrapped, and the
+    training state from ``_from_rank0``: one read of the bucket per resume, not one per rank.
+    """
+    cfg = spec.cfg
+    if checkpoint is None:
+        return build_model(cfg.model, list(spec.class_names)), None
+    if rank == 0 or world == 1:
+        restored = load_training_checkpoint(checkpoint, cfg.model.attn_implementation)
+        assert restored is not None
+        return restored.model, restored.state
+    return model_without_weights(checkpoint, cfg.model.attn_implementation), None
+
+
+def _from_rank0(state: dict[str, Any] | None, world: int) -> dict[str, Any] | None:
+    """Rank 0's training state on every rank (they all hold the same optimizer state)."""
+    if world == 1 or not dist.is_initialized():
+        return state
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def report_checkpoint(

@@ -67,6 +67,11 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return {"lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max)}
 
 
+def global_batch(cfg: Config, workers: int) -> int:
+    """Images per optimizer step over all workers: what ``train.lr`` is set for."""
+    return cfg.train.batch_size * cfg.train.grad_accum_steps * workers
+
+
 def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
     """How many trials fit side by side: CPUs (and GPUs) up now over one trial's workers; on an
     autoscaling cluster every trial may run at once (the autoscaler adds nodes for them)."""
@@ -101,7 +106,9 @@ def _train_driver(config: dict[str, Any], job: Job) -> None:
     quiet_libraries()
     trial_id = tune.get_context().get_trial_id()
     try:
-        job.trainer(float(config["lr"]), trial_id, callbacks=[TuneReportCallback()]).fit()
+        job.trainer(
+            float(config["lr"]), trial_id, callbacks=[TuneReportCallback()], fixed_world=is_sweep(job.cfg)
+        ).fit()
     except RayActorError:
         raise  # the controller's process or node is gone: Tune reruns the trial, which resumes
     except Exception as exc:
@@ -288,7 +295,8 @@ def run_job(cfg: Config) -> RunSummary:
     if is_sweep(cfg):
         print(
             f"sweep over lr {cfg.tune.lrs or (cfg.tune.lr_min, cfg.tune.lr_max)}, "
-            f"{job.placement.describe()}, up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
+            f"{job.placement.max_workers} worker(s) per trial (global batch {global_batch(cfg, job.placement.max_workers)}), "
+            f"up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
             flush=True,
         )
     results = until_interrupted(build_tuner(job).fit)
