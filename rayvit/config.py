@@ -170,6 +170,9 @@ class TrainConfig(_Section):
     """Optimizer steps between the host's looks at the device: the finiteness check (a diverged
     run stops there, at the same step on every rank) and the running loss to wandb. Between
     them a step never waits for the device."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """How rank 0's checkpoint reaches ``output_dir``: async = Ray Train uploads it in the
+    background while the next epoch trains; sync = every rank waits for the upload."""
     ddp_static_graph: bool = True
     """DDP's ``static_graph`` (the same parameters get gradients every step, which lets DDP skip
     per-step bookkeeping); used with ``train.grad_accum_steps: 1`` and without compile only."""

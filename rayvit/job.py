@@ -57,6 +57,8 @@ RESUME_IGNORES = (
     "train.max_failures",
     "train.inject_fault_epoch",
     "train.compile",
+    "train.checkpoint_upload",
+    "train.log_every_steps",
     "tune.max_concurrent_trials",
     "tune.driver_cpus",
 )

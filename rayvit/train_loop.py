@@ -351,8 +351,9 @@ def report_checkpoint(
     cfg: Config,
 ) -> None:
     """The epoch's metrics from every rank, its checkpoint from rank 0 only, uploaded in the
-    background (Ray Train's asynchronous upload): training goes on while the bucket is written;
-    Ray Train registers the checkpoint once it is complete, and deletes the local copy."""
+    background (Ray Train's asynchronous upload, ``train.checkpoint_upload``): training goes on
+    while the bucket is written; Ray Train registers the checkpoint once it is complete, and
+    deletes the local copy."""
     from ray.train import CheckpointUploadMode
 
     ckpt = None
@@ -360,7 +361,10 @@ def report_checkpoint(
         folder = Path(tempfile.mkdtemp(prefix="rayvit-ckpt-"))
         save_training_checkpoint(folder, model, pre, optimizer, scheduler, epoch, metrics, cfg)  # type: ignore[arg-type]
         ckpt = ray.train.Checkpoint.from_directory(str(folder))
-    ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    mode = CheckpointUploadMode.ASYNC if cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics, checkpoint=ckpt, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
+    )
 
 
 def train_step(
