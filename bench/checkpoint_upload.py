@@ -12,7 +12,10 @@ Per-epoch time is the difference of consecutive epochs' ``elapsed_s`` (epoch 1 a
 left out): an upload that blocks the workers shows there. Goal: async <= 1.05 x local, and the
 last checkpoint complete in the bucket (weights and training state).
 
-Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4]``.
+Each mode runs ``--rounds`` times, alternating, and keeps its best round (a shared machine's slow
+minute does not decide the ratio).
+
+Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4] [--rounds 2]``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 BUCKET = "rayvit-bench"
+MODES = ("local", "async", "sync")
 
 
 class SlowProxy:
@@ -107,18 +111,12 @@ def complete(storage: Storage) -> bool:
 
     fs = storage.filesystem()
     found = fs.get_file_info(pafs.FileSelector(storage.fs_path("trials"), recursive=True))
-    ckpts = sorted(
-        {
-            i.path.rsplit("/checkpoint_", 1)[0]
-            + "/checkpoint_"
-            + i.path.rsplit("/checkpoint_", 1)[1].split("/")[0]
-            for i in found
-            if "/checkpoint_" in i.path
-        }
+    dirs = sorted(
+        i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_2")
     )
-    if not ckpts:
+    if not dirs:
         return False
-    sizes = {i.path.rsplit("/", 1)[1]: i.size for i in found if i.path.startswith(ckpts[-1] + "/")}
+    sizes = {i.path.rsplit("/", 1)[1]: i.size or 0 for i in found if i.path.startswith(dirs[-1] + "/")}
     return bool(sizes.get("model.safetensors", 0) > 1e6 and sizes.get("training_state.pt", 0) > 1e6)
 
 
@@ -128,6 +126,7 @@ def main() -> None:
     ap.add_argument("--mb-per-s", type=float, default=4.0, help="the proxy's upload bandwidth")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--images", type=int, default=1600, help="training images an epoch")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating; the best counts")
     args = ap.parse_args()
     from moto.server import ThreadedMotoServer
 
@@ -160,26 +159,29 @@ def main() -> None:
     ]
     local = Path(tempfile.mkdtemp(prefix="rayvit-ckpt-bench-"))
     results: dict[str, Any] = {}
-    for mode in ("local", "async", "sync"):
-        where = (
-            [f"output_dir={local / mode}"]
-            if mode == "local"
-            else [f"output_dir=s3://{BUCKET}/{mode}", f"storage.endpoint_url={endpoint}"]
-        )
-        upload = "sync" if mode == "sync" else "async"
-        cfg = load_config(
-            ROOT / "configs" / "quick.yaml", [*base, *where, f"train.checkpoint_upload={upload}"]
-        )
-        t0 = time.perf_counter()
-        run_job(cfg)
-        storage = Storage.from_setting(cfg.output_dir, cfg.storage.endpoint_url)
-        times = epoch_times(storage)
-        results[mode] = {
-            "epoch_s": times,
-            "mean_epoch_s": sum(times) / max(1, len(times)),
-            "complete": complete(storage),
-            "job_s": time.perf_counter() - t0,
-        }
+    for rnd in range(args.rounds):
+        for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+            where = (
+                [f"output_dir={local / f'{mode}{rnd}'}"]
+                if mode == "local"
+                else [f"output_dir=s3://{BUCKET}/{mode}{rnd}", f"storage.endpoint_url={endpoint}"]
+            )
+            upload = "sync" if mode == "sync" else "async"
+            cfg = load_config(
+                ROOT / "configs" / "quick.yaml", [*base, *where, f"train.checkpoint_upload={upload}"]
+            )
+            t0 = time.perf_counter()
+            run_job(cfg)
+            storage = Storage.from_setting(cfg.output_dir, cfg.storage.endpoint_url)
+            times = epoch_times(storage)
+            r = {
+                "epoch_s": times,
+                "mean_epoch_s": sum(times) / max(1, len(times)),
+                "complete": complete(storage),
+                "job_s": time.perf_counter() - t0,
+            }
+            if mode not in results or r["mean_epoch_s"] < results[mode]["mean_epoch_s"]:
+                results[mode] = r
     server.stop()
     print(
         f"checkpoint upload through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} images:"
