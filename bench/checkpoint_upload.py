@@ -184,7 +184,8 @@ def main() -> None:
                 results[mode] = r
     server.stop()
     print(
-        f"checkpoint upload through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} images:"
+        f"checkpoint upload through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} "
+        f"images, best of {args.rounds} alternating rounds:"
     )
     for mode, r in results.items():
         print(
