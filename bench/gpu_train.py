@@ -1,20 +1,28 @@
-"""Training throughput and model FLOPs utilisation of ViT-B/16 at 224 px on one GPU.
+"""The training job's own step on GPUs: throughput, MFU and the share of time spent waiting for data.
 
-    python bench/gpu_train.py                      # ViT-B/16, 224 px, batch 128, bf16, eager and compiled
-    python bench/gpu_train.py --batch 256 --steps 50
-    python bench/gpu_train.py --recipe configs/quick.yaml --device cpu --steps 5   # a smoke run anywhere
+    python bench/gpu_train.py                       # the full recipe: ViT-B/16 at 224 px, one worker per GPU
+    python bench/gpu_train.py --workers 8 --steps 100
+    python bench/gpu_train.py --recipe configs/quick.yaml --images 256 --steps 4 --warmup 1   # CPU smoke run
 
-Random initialisation (no download), synthetic uint8 images, and the training job's own code:
-``build_model``, the ``Preprocessor`` on the device, bf16 autocast, fused AdamW with the job's
-parameter groups and ``train_step`` (loss, backward, clipping, the divergence check). MFU is
-model FLOPs (3x the forward pass, ``rayvit.perf``) over the GPU's dense bf16 peak.
+What runs is the job's step, not a model in isolation: a Ray Train run of ``--workers`` DDP
+workers (``prepare``: bucket views, static graph, compile as the recipe says), fed by Ray Data
+shards of the CIFAR-10 copy decoded as the job decodes them (``start_job``'s ``datasets``:
+32 px in the full recipe, materialized) through ``train_batches`` (prefetch, device shuffle,
+pinned copies), in batches of the recipe's ``train.batch_size``, through ``Stepper`` (the
+``Preprocessor`` on the device, ``train_step``, the scheduler, checks every
+``train.log_every_steps``). The model is initialised at random (no download).
+
+Reported over the timed steps: images/s over all workers, MFU (model FLOPs, ``rayvit.perf``,
+over the devices' dense bf16 peak; n/a on CPUs) and the share of the time the host waited for
+the next batch (the slowest worker's). The first ``--warmup`` steps (compilation) are not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +31,41 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rayvit.config import load_config  # noqa: E402
-from rayvit.model import build_model, build_preprocessor  # noqa: E402
-from rayvit.perf import mfu, peak_flops, train_flops_per_image  # noqa: E402
-from rayvit.predict import use_bf16  # noqa: E402
-from rayvit.train_loop import param_groups, train_step  # noqa: E402
+from rayvit.config import Config, RayConfig, load_config  # noqa: E402
+from rayvit.data import plan_train_val, quiet_ray_data, stored_side  # noqa: E402
+from rayvit.throughput import step_throughput_loop  # noqa: E402
+from rayvit.train_loop import TRAIN  # noqa: E402
 
-CLASSES = [f"c{i}" for i in range(10)]
+
+def measure(cfg: Config, workers: int, use_gpu: bool, steps: int, warmup: int) -> dict[str, Any]:
+    """A Ray Train run of ``workers`` on the job's training data; the figures of ``bench_loop``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rayvit.job import Ingest, datasets
+
+    quiet_ray_data()
+    side = stored_side(cfg.data, cfg.model.image_size)
+    train, val, _ = plan_train_val(cfg.data, cfg.seed, side)
+    train_data, _, streamed = datasets(cfg, train, val)
+    out = Path(tempfile.mkdtemp(prefix="rayvit-gpu-bench-"))
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    TorchTrainer(
+        step_throughput_loop,
+        train_loop_config={"cfg": cfg, "steps": steps, "warmup": warmup, "out": str(out / "figures.json")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        datasets={TRAIN: train_data},
+        dataset_config=Ingest(streamed=streamed),
+        run_config=ray.train.RunConfig(storage_path=str(out / "run")),
+    ).fit()
+    found: dict[str, Any] = json.loads((out / "figures.json").read_text())
+    found.update(
+        workers=workers, batch=cfg.train.batch_size, side=cfg.model.image_size, compiled=cfg.train.compile
+    )
+    return found
 
 
 def model_overrides(model: str | None) -> list[str]:
@@ -44,82 +80,54 @@ def model_overrides(model: str | None) -> list[str]:
     return [f"model.pretrained={model}", "model.attn_implementation=auto"]
 
 
-def measure(
-    recipe: str,
-    overrides: list[str],
-    device: torch.device,
-    batch: int,
-    steps: int,
-    warmup: int,
-    compiled: bool,
-) -> float:
-    """Images per second over ``steps`` training steps after ``warmup`` ones."""
-    cfg = load_config(recipe, [*overrides, f"train.batch_size={batch}"])
-    torch.manual_seed(0)
-    model: Any = build_model(cfg.model, CLASSES).to(device)  # type: ignore[arg-type]
-    pre = build_preprocessor(cfg.model)
-    forward = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type == "cuda"
+def describe(f: dict[str, Any]) -> str:
+    util = f"MFU {100 * f['mfu']:.1f}%" if f.get("mfu") is not None else "MFU n/a"
+    return (
+        f"{f['workers']} x {f['device']}, batch {f['batch']} per worker at {f['side']} px"
+        f"{', compiled' if f['compiled'] else ''}: {f['images_per_s']:.1f} img/s, {util}, "
+        f"waiting for data {100 * f['data_wait_share']:.1f}% of the time"
     )
-    bf16 = use_bf16(cfg.train.precision, device)
-    side = cfg.model.image_size
-    images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, len(CLASSES), (batch,), device=device)
-    model.train()
-    t0 = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-        x = pre(images, train=cfg.train.augment)
-        train_step(forward, model, opt, x, labels, cfg, bf16)
-    _sync(device)
-    return batch * steps / (time.perf_counter() - t0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from rayvit.cluster import init_ray
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
-        "--recipe", default=str(ROOT / "configs" / "train.yaml"), help="config whose model is timed"
+        "--recipe", default=str(ROOT / "configs" / "train.yaml"), help="the config whose step is timed"
     )
+    ap.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="the CIFAR-10 copy"
+    )
+    ap.add_argument(
+        "--workers", type=int, default=0, help="DDP workers; 0 = one per GPU (one CPU worker without)"
+    )
+    ap.add_argument("--images", type=int, default=20_000, help="training images decoded for the run")
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per worker")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster")
     ap.add_argument(
         "--model",
         default=None,
         help="hub id, folder or model_type to time (default: the recipe's, untrained)",
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation happens here)")
-    ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=128")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    overrides = model_overrides(args.model)
-    cfg = load_config(args.recipe, overrides)
-    model = build_model(cfg.model, CLASSES)
-    pre = build_preprocessor(cfg.model)
-    flops = train_flops_per_image(model.config, pre.image_size)
-    peak = peak_flops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"{type(model).__name__} {pre.image_size}px, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters on {name}: {flops / 1e9:.1f} GFLOPs per trained image, batch {args.batch}, "
-        f"{'bf16' if use_bf16(cfg.train.precision, device) else 'fp32'}"
+    gpus = torch.cuda.device_count()
+    workers = args.workers or max(1, gpus)
+    cfg = load_config(
+        args.recipe,
+        [
+            f"data.path={args.data}",
+            *model_overrides(args.model),
+            f"data.train_limit={args.images}",
+            "data.val_limit=1",
+            "wandb.mode=disabled",
+            *args.overrides,
+        ],
     )
-    del model
-    for compiled in [False] if args.no_compile else [False, True]:
-        rate = measure(args.recipe, overrides, device, args.batch, args.steps, args.warmup, compiled)
-        util_ = mfu(rate, flops, peak)
-        util = (
-            f"MFU {100 * util_:.1f}% of {(peak or 0) / 1e12:.0f} TFLOP/s" if util_ is not None else "MFU n/a"
-        )
-        print(f"  {'torch.compile' if compiled else 'eager':<13}: {rate:8.1f} img/s  {util}")
+    init_ray(RayConfig(num_cpus=args.num_cpus))
+    print(describe(measure(cfg, workers, gpus > 0, args.steps, args.warmup)))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,19 @@ def load_training_checkpoint(checkpoint: Any, attn_implementation: str) -> Resto
     raise UserError(f"no readable checkpoint in {Path(checkpoint.path).parent} to resume from")
 
 
+def model_without_weights(checkpoint: Any, attn_implementation: str) -> Any:
+    """The checkpoint's architecture, freshly initialised, from its small ``config.json`` alone:
+    for the ranks that get the weights and the training state from rank 0 instead of reading
+    the whole checkpoint again."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    with fs.open_input_stream(f"{path}/{MODEL_DIR}/config.json") as f:
+        raw = json.loads(f.read())
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    return AutoModelForImageClassification.from_config(config, attn_implementation=attn_implementation)
+
+
 def _newest_first(checkpoint: Any) -> list[Any]:
     """``checkpoint`` and then the older ``checkpoint_*`` folders beside it, newest first."""
     import pyarrow.fs as pafs

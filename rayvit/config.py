@@ -60,10 +60,12 @@ class DataConfig(_Section):
     cache_dir: str | None = "~/.cache/rayvit"
     """Where a hub data set is downloaded to (``datasets``' cache); null = its default."""
     image_size: int | None = Field(None, ge=8)
-    """Side (px) the decode tasks bring every image to; null = ``model.image_size``. A smaller
-    side (CIFAR-10's 32 under a 224-px model) keeps less in memory; the batched ``Preprocessor``
-    resizes on the worker's device. Only at the model's side are training pixels exactly the
-    server's for the same file (otherwise they are resized twice)."""
+    """Side (px) the decode tasks bring every image to and the object store keeps; null = or
+    above ``model.image_size`` = the model's side (never more is stored). The rule: the source's
+    own side when it is smaller than the model's (CIFAR-10: 32 under a 224-px model, 49x fewer
+    bytes kept, sent and copied to the device), else null. The batched ``Preprocessor`` brings
+    it to the model's side on the worker's device. Only at the model's side are training pixels
+    exactly the server's for the same file (otherwise they are resized twice)."""
     max_in_memory_bytes: int = Field(4 * 1024**3, ge=0)
     """Decoded train+val data up to this size is decoded once and kept in the object store for
     every epoch; above it, it is streamed (decoded again each epoch) in bounded memory."""
@@ -106,6 +108,9 @@ class ModelConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     """Attention kernel: auto = the family's best (PyTorch's scaled_dot_product_attention where it
     has it), or the plain one."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a
+    third more compute for far less activation memory (larger backbones, small GPUs)."""
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
@@ -149,14 +154,17 @@ class TrainConfig(_Section):
     epochs: PositiveInt = 3
     """Passes over the training images."""
     batch_size: PositiveInt = 64
-    """Per worker."""
+    """Per worker and micro-batch; every step has exactly this shape (the last images of an
+    epoch that do not fill a batch are left out, others each epoch)."""
     eval_batch_size: PositiveInt = 256
     """Per worker, for validation and test passes."""
     evals_per_epoch: PositiveInt = 1
     """Validation passes per epoch; the ones before the epoch's end only report metrics (for
     ASHA to stop a weak trial early), checkpoints stay at epoch ends."""
     lr: PositiveFloat = 5e-5
-    """Peak learning rate of AdamW (after warmup)."""
+    """Peak learning rate of AdamW (after warmup) for the global batch ``batch_size x
+    grad_accum_steps x workers`` (a sweep's trials all have the same one); a sweep replaces it
+    per trial."""
     weight_decay: float = Field(0.05, ge=0.0)
     """AdamW weight decay; biases, norm layers and embeddings (tables, class and position tokens) get none."""
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -182,7 +190,25 @@ class TrainConfig(_Section):
     inject_fault_epoch: PositiveInt | None = None
     """Chaos testing: the last worker dies once, midway through the epoch after this one."""
     compile: bool = False
-    """``torch.compile`` the model (worth it on GPUs for long runs; slow to start on CPUs)."""
+    """``torch.compile`` the model (worth it on GPUs for long runs; slow to start on CPUs; on in
+    the GPU recipe). Every step has the same batch shape, so it compiles once; the first step's
+    time, compilation included, is reported once."""
+    grad_accum_steps: PositiveInt = 1
+    """Micro-batches of ``train.batch_size`` per optimizer step (gradients summed locally, one
+    all-reduce per step): the global batch is ``batch_size x grad_accum_steps x workers``."""
+    log_every_steps: PositiveInt = 50
+    """Optimizer steps between the host's looks at the device: the finiteness check (a diverged
+    run stops there, at the same step on every rank) and the running loss to wandb. Between
+    them a step never waits for the device."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """How rank 0's checkpoint reaches ``output_dir``: async = Ray Train uploads it in the
+    background while the next epoch trains; sync = every rank waits for the upload."""
+    ddp_static_graph: bool = True
+    """DDP's ``static_graph`` (the same parameters get gradients every step, which lets DDP skip
+    per-step bookkeeping); used with ``train.grad_accum_steps: 1`` and without compile only."""
+    ddp_bf16_grads: bool = False
+    """Send gradients in bf16 over the network (DDP's ``bf16_compress_hook``): half the all-reduce
+    bytes, for multi-node runs whose interconnect is the bottleneck; GPUs only."""
 
 
 class ScalingSection(_Section):
@@ -191,7 +217,9 @@ class ScalingSection(_Section):
     ) = "auto"
     """A fixed count, an elastic ``[min, max]`` range (Ray Train V2 resizes between them), or auto =
     one worker per GPU on a fixed cluster (one CPU worker without GPUs), the elastic range
-    ``[1, auto_max_workers]`` on an autoscaling one."""
+    ``[1, auto_max_workers]`` on an autoscaling one. A sweep's trials each run at the range's
+    upper end, fixed (same global batch, same schedule, comparable); a single run is elastic.
+    A run's workers share one node when they fit on it."""
     use_gpu: bool | Literal["auto"] = "auto"
     """Train on GPUs (one per worker); auto = when the cluster has any or its autoscaler can add one."""
     cpus_per_worker: PositiveFloat = 1.0

@@ -246,12 +246,17 @@ def plan_test(
     return SplitPlan(source, name, np.arange(min(cfg.test_limit or n, n)), side)
 
 
+def stored_side(cfg: DataConfig, model_side: int) -> int:
+    """The side decoded images are kept at: ``data.image_size``, never above the model's side."""
+    return min(cfg.image_size or model_side, model_side)
+
+
 def load_train_val(cfg: DataConfig, seed: int, image_size: int) -> TrainValData:
     """Train and validation arrays in this process (small data: tests, tools)."""
-    train, val, names = plan_train_val(cfg, seed, cfg.image_size or image_size)
+    train, val, names = plan_train_val(cfg, seed, stored_side(cfg, image_size))
     return TrainValData(train.arrays(cfg), val.arrays(cfg), list(names), cfg.path)
 
 
 def load_test(cfg: DataConfig, image_size: int) -> ImageSplit:
     """The test split as arrays in this process (small data: tests, tools)."""
-    return plan_test(cfg, cfg.image_size or image_size).arrays(cfg)
+    return plan_test(cfg, stored_side(cfg, image_size)).arrays(cfg)

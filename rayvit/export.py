@@ -26,7 +26,7 @@ import ray.train
 
 from rayvit.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_DIR, write_json
 from rayvit.config import Config, with_overrides
-from rayvit.data import SplitPlan, plan_test
+from rayvit.data import SplitPlan, plan_test, stored_side
 from rayvit.dvc import data_fingerprint
 from rayvit.job import BEST_DIR, Job, wandb_dir
 from rayvit.logs import quiet_libraries
@@ -125,7 +125,7 @@ def _evaluate_task(checkpoint: ray.train.Checkpoint, cfg: Config, data: Any, fin
 
 def test_split(cfg: Config) -> SplitPlan:
     """The held-out split, through the same reader as the training data."""
-    return plan_test(cfg.data, cfg.data.image_size or cfg.model.image_size, cfg.storage.endpoint_url)
+    return plan_test(cfg.data, stored_side(cfg.data, cfg.model.image_size), cfg.storage.endpoint_url)
 
 
 def export_best(

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from rayvit.checkpoint import CONFIG_FILE
 from rayvit.cluster import Placement, init_ray, resolve_placement
 from rayvit.config import Config, with_overrides
-from rayvit.data import SplitPlan, epoch_seed, label_counts, plan_train_val, quiet_ray_data
+from rayvit.data import SplitPlan, epoch_seed, label_counts, plan_train_val, quiet_ray_data, stored_side
 from rayvit.errors import UserError
 from rayvit.logs import quiet_libraries
 from rayvit.model import build_preprocessor
@@ -57,6 +57,8 @@ RESUME_IGNORES = (
     "train.max_failures",
     "train.inject_fault_epoch",
     "train.compile",
+    "train.checkpoint_upload",
+    "train.log_every_steps",
     "tune.max_concurrent_trials",
     "tune.driver_cpus",
 )
@@ -86,10 +88,19 @@ class Job:
     """Training images per class, when a run weighs classes (``train.class_weights``)."""
 
     def trainer(
-        self, overrides: dict[str, Any], name: str, callbacks: list[Any] | None = None
+        self,
+        overrides: dict[str, Any],
+        name: str,
+        callbacks: list[Any] | None = None,
+        fixed_world: bool = False,
     ) -> TorchTrainer:
         """The ``TorchTrainer`` of one run (one Tune trial): the job's config with the trial's
-        searched values (dotted keys) set."""
+        searched values (dotted keys) set.
+
+        ``fixed_world`` (a sweep's trials): the run keeps one worker count, the upper end of an
+        elastic range, so that every trial has the same global batch and schedule and ASHA
+        compares like with like; a single run keeps the elastic range. Either way the workers
+        are packed onto one node when they fit there (Ray's PACK placement)."""
         cfg = with_overrides(self.cfg, overrides) if overrides else self.cfg
         pre = self.pre if cfg.model == self.cfg.model else build_preprocessor(cfg.model)
         trials = self.storage.child(TRIALS_DIR)
@@ -112,9 +123,10 @@ class Job:
             datasets={TRAIN: self.train_data, VAL: self.val_data},
             dataset_config=Ingest(streamed=self.streamed, run=trials.child(name)),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
+                num_workers=self.placement.max_workers if fixed_world else self.placement.num_workers,  # type: ignore[arg-type]  # V2 takes (min, max)
                 use_gpu=self.placement.use_gpu,
                 resources_per_worker=dict(self.placement.resources_per_worker),
+                placement_strategy="PACK",
             ),
             run_config=ray.train.RunConfig(
                 name=name,
@@ -205,7 +217,7 @@ def start_job(cfg: Config, storage: Storage) -> Job:
     placement = resolve_placement(cfg)
     pre = build_preprocessor(cfg.model)
     t0 = time.perf_counter()
-    side = cfg.data.image_size or cfg.model.image_size
+    side = stored_side(cfg.data, cfg.model.image_size)
     train, val, class_names = plan_train_val(cfg.data, cfg.seed, side, cfg.storage.endpoint_url)
     data_fp = hashlib.sha256(f"{train.fingerprint}|{val.fingerprint}".encode()).hexdigest()[:16]
     check_resume(cfg, storage, data_fp)
@@ -255,7 +267,7 @@ def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, b
     then reordered every epoch. Larger data streams: the units' order is reseeded every epoch
     and decoding runs alongside training, within Ray Data's object-store budget.
     """
-    if train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes:
+    if streams(cfg, train, val):
         return train.dataset(cfg.data, shuffle_seed=cfg.seed), val.dataset(cfg.data), True
     kept = train.dataset(cfg.data)
     # Blocks kept in the order of their units (not of their decode tasks' finishing): a rerun of
@@ -266,6 +278,12 @@ def datasets(cfg: Config, train: SplitPlan, val: SplitPlan) -> tuple[Any, Any, b
     except Exception as exc:
         raise _decode_error(exc) from exc
     return kept_train.randomize_block_order(seed=epoch_seed(cfg.seed)), kept_val, False
+
+
+def streams(cfg: Config, train: SplitPlan, val: SplitPlan) -> bool:
+    """Whether the decoded train and validation images pass ``data.max_in_memory_bytes`` (and are
+    decoded again every epoch) instead of being decoded once and kept."""
+    return train.decoded_bytes + val.decoded_bytes > cfg.data.max_in_memory_bytes
 
 
 def _decode_error(exc: Exception) -> Exception:

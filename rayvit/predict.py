@@ -38,7 +38,9 @@ class Predictor:
         self.path = check_model_folder(model_dir)
         self.device = device or pick_device()
         model = load_model(self.path)
-        self.model: torch.nn.Module = model.to(self.device).eval()  # type: ignore[arg-type]
+        # On a GPU the weights are cast to bf16 once, here, not by autocast on every batch.
+        self.dtype = torch.bfloat16 if use_bf16("auto", self.device) else torch.float32
+        self.model: torch.nn.Module = model.to(self.device, self.dtype).eval()  # type: ignore[arg-type]
         proc = json.loads((self.path / PROCESSOR_FILE).read_text())
         self.pre = Preprocessor.from_processor_config(proc)
         id2label = self.model.config.id2label
@@ -47,9 +49,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        bf16 = use_bf16("auto", self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out: torch.Tensor = self.model(pixel_values=pixel_values.to(self.device)).logits
+        out: torch.Tensor = self.model(pixel_values=pixel_values.to(self.device, self.dtype)).logits
         return out.float()
 
     def probabilities(self, arrays: list[np.ndarray]) -> torch.Tensor:

@@ -189,14 +189,17 @@ def resize_uint8(image: np.ndarray, side: int) -> np.ndarray:
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched random crop (zero padding of 1/8 of the side) and horizontal flip."""
+    """Batched random crop (zero padding of 1/8 of the side) and horizontal flip.
+
+    The draws are made on the batch's device (``generator``, if given, must live there too), so
+    the host never waits for the device nor copies to it."""
     n, h, w, _ = images.shape
     pad = max(1, h // 8)
     dev = images.device
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    flip = torch.rand(n, generator=generator, device=dev) < 0.5
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
     cols = ox[:, None] + torch.arange(w, device=dev)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]

@@ -11,6 +11,7 @@ every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -26,8 +27,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from rayvit.checkpoint import load_training_checkpoint, save_training_checkpoint
+from rayvit.checkpoint import load_training_checkpoint, model_without_weights, save_training_checkpoint
 from rayvit.config import Config
 from rayvit.logs import quiet_libraries, say
 from rayvit.model import build_model
@@ -133,12 +135,14 @@ class Shard:
     """This rank's part of each epoch: Ray Train's equal split of the training set.
 
     Every rank gets ``per_rank = n // world`` images an epoch, so all ranks take the same number
-    of steps; the ``n % world`` images left over differ from epoch to epoch.
+    of steps; the ``n % world`` images left over, and the ``per_rank % batch_size`` that do not
+    fill a last batch, differ from epoch to epoch.
     """
 
     n: int
     world: int
     batch_size: int
+    """Rows of one optimizer step (``step_rows``)."""
 
     @property
     def per_rank(self) -> int:
@@ -146,33 +150,48 @@ class Shard:
 
     @property
     def steps(self) -> int:
-        return max(1, math.ceil(self.per_rank / self.batch_size))
+        """Whole batches only (``train_batches`` leaves the rest out)."""
+        return max(1, self.per_rank // self.batch_size)
 
 
 def train_batches(shard: Any, cfg: Config, epoch: int, rank: int, device: torch.device) -> Iterator[Any]:
     """One epoch of this rank's training shard as dicts of tensors (``image`` uint8 NHWC,
-    ``label``, ``index``), in batches of ``train.batch_size``.
+    ``label``, ``index``) on ``device``, in batches of ``batch_size x grad_accum_steps`` rows.
 
     Ray Data hands over windows of ``data.shuffle_buffer`` rows (a multiple of the batch size),
-    prefetched ``data.prefetch_batches`` training batches ahead; each window's rows are put in
-    an order seeded by (seed, epoch, rank) and cut into batches by one gather per batch. That is
-    the windowed shuffle Ray Data's ``local_shuffle_buffer_size`` gives, at a fraction of its
-    per-batch cost in the prefetch thread, which competes with the step on a small host.
+    prefetched ``data.prefetch_batches`` training batches ahead, copied from pinned host memory
+    to a GPU; each window's rows are put in an order seeded by (seed, epoch, rank), drawn on the
+    device, and cut into batches by one gather per batch. That is the windowed shuffle Ray
+    Data's ``local_shuffle_buffer_size`` gives, at a fraction of its per-batch cost in the
+    prefetch thread, which competes with the step on a small host.
+
+    Every batch has the same shape (``torch.compile`` compiles once): the rows of an epoch that
+    do not fill a last batch are left out (which ones changes every epoch), unless they are
+    all there is.
     """
-    bs = cfg.train.batch_size
+    bs = step_rows(cfg)
     window = max(1, cfg.data.shuffle_buffer // bs) * bs
     ahead = -(-cfg.data.prefetch_batches * bs // window)
-    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**63)
-    for rows in shard.iter_torch_batches(batch_size=window, prefetch_batches=ahead, device=device):
+    gen = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**63)
+    yielded = False
+    for rows in shard.iter_torch_batches(
+        batch_size=window, prefetch_batches=ahead, device=device, pin_memory=device.type == "cuda"
+    ):
         n = len(rows["label"])
-        if not cfg.data.shuffle_buffer:
-            for start in range(0, n, bs):
+        full = n - n % bs if (yielded or n >= bs) else n
+        order = torch.randperm(n, generator=gen, device=device) if cfg.data.shuffle_buffer else None
+        for start in range(0, full, bs):
+            if order is None:
                 yield {k: v[start : start + bs] for k, v in rows.items()}
-            continue
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, bs):
-            pick = order[start : start + bs]
-            yield {k: v.index_select(0, pick) for k, v in rows.items()}
+            else:
+                pick = order[start : start + bs]
+                yield {k: v.index_select(0, pick) for k, v in rows.items()}
+            yielded = True
+
+
+def step_rows(cfg: Config) -> int:
+    """Rows of one optimizer step on one worker."""
+    return cfg.train.batch_size * cfg.train.grad_accum_steps
 
 
 def val_batches(shard: Any, cfg: Config, device: torch.device) -> Iterator[Any]:
@@ -186,7 +205,11 @@ def val_batches(shard: Any, cfg: Config, device: torch.device) -> Iterator[Any]:
 
 
 class DivergedError(Exception):
-    """The loss or the gradients stopped being finite."""
+    """The loss or the gradients stopped being finite (at 0-based ``step`` of the epoch)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"non-finite gradient norm at step {step + 1}")
+        self.step = step
 
 
 def with_fault(batches: Iterable[Any], spec: WorkerSpec, epoch: int, steps: int) -> Iterator[Any]:
@@ -239,31 +262,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = use_bf16(cfg.train.precision, device)
     train_shard = ray.train.get_dataset_shard(TRAIN)
 
-    restored = load_training_checkpoint(ray.train.get_checkpoint(), cfg.model.attn_implementation)
-    model = restored.model if restored else build_model(cfg.model, list(spec.class_names))
-    ddp_model: torch.nn.Module = ray.train.torch.prepare_model(model)
+    model, state = restore(ray.train.get_checkpoint(), spec, rank, world)
+    ddp_model = prepare(model, cfg, device)  # DDP sends rank 0's weights to every rank
+    state = _from_rank0(state, world)
     forward: Any = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
-    shard = Shard(spec.num_train, world, cfg.train.batch_size)
+    shard = Shard(spec.num_train, world, step_rows(cfg))
     class_weight = (
         torch.tensor(spec.class_weights, dtype=torch.float32, device=device) if spec.class_weights else None
     )
-    optimizer = torch.optim.AdamW(
-        param_groups(ddp_model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type == "cuda"
-    )
+    optimizer = make_optimizer(ddp_model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(shard.steps * cfg.train.epochs, cfg.train.warmup_fraction)
     )
     start_epoch, elapsed_before = 1, 0.0
-    if restored is not None:
-        optimizer.load_state_dict(restored.state["optimizer"])
-        scheduler.load_state_dict(restored.state["scheduler"])
-        start_epoch = int(restored.state["epoch"]) + 1
-        elapsed_before = float(restored.state.get("elapsed_s", 0.0))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
             # The world size may differ from the interrupted run's (an elastic range after a
             # lost node): the user sees with how many workers training goes on.
-            say(f"resuming from checkpoint after epoch {restored.state['epoch']} on {world} worker(s)")
+            say(f"resuming from checkpoint after epoch {state['epoch']} on {world} worker(s)")
 
     tracker = None
     if rank == 0 and spec.wandb.mode != "disabled":
@@ -279,63 +300,119 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_flops_per_image(model.config, spec.pre.image_size),
         len(spec.class_names),
     )
+    stepper = Stepper(
+        forward,
+        ddp_model,
+        optimizer,
+        scheduler,
+        spec.pre,
+        cfg,
+        bf16,
+        device,
+        cfg.train.compile and rank == 0,
+        class_weight,
+    )
     evals = min(cfg.train.evals_per_epoch, shard.steps)
-    mid_epoch_evals = {round(shard.steps * k / evals) for k in range(1, evals)}
+    mid_epoch_evals = frozenset(round(shard.steps * k / evals) for k in range(1, evals))
     t_start = time.perf_counter() - elapsed_before
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + rank)
         ddp_model.train()
-        loss_sum = torch.zeros((), device=device)
         t0, eval_time = time.perf_counter(), 0.0
-        seen = 0
-        batches = with_fault(train_batches(train_shard, cfg, epoch, rank, device), spec, epoch, shard.steps)
-        for step, batch in enumerate(batches):
-            x = spec.pre(batch["image"], train=cfg.train.augment, generator=gen)
-            y = batch["label"]
-            seen += len(y)
-            try:
-                loss = train_step(forward, ddp_model, optimizer, x, y, cfg, bf16, class_weight)
-            except DivergedError:
-                _report_divergence(cfg, epoch, step, scheduler, rank, tracker)
+
+        def on_check(done: int, totals: EpochTotals, epoch: int = epoch, t0: float = t0) -> None:
+            nonlocal eval_time
+            if done not in mid_epoch_evals:
+                if tracker is not None:
+                    running = float(totals.loss_sum) / max(1, totals.seen)
+                    tracker.log({"epoch": epoch - 1 + done / shard.steps, "train_loss_running": running})
                 return
-            scheduler.step()
-            loss_sum += loss * len(y)
-            if step + 1 in mid_epoch_evals:
-                # An early look for ASHA: metrics only; checkpoints stay at epoch ends.
-                t_eval = time.perf_counter()
-                done = step + 1
-                progress.report(
-                    epoch - 1 + done / shard.steps,
-                    loss_sum,
-                    seen,
-                    t_eval - t0 - eval_time,
-                    scheduler,
-                    t_eval - t_start,
-                )
-                ddp_model.train()
-                eval_time += time.perf_counter() - t_eval
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            # An early look for ASHA: metrics only; checkpoints stay at epoch ends.
+            t_eval = time.perf_counter()
+            progress.report(
+                epoch - 1 + done / shard.steps,
+                totals.loss_sum,
+                totals.seen,
+                t_eval - t0 - eval_time,
+                scheduler,
+                t_eval - t_start,
+            )
+            ddp_model.train()
+            eval_time += time.perf_counter() - t_eval
+
+        batches = with_fault(train_batches(train_shard, cfg, epoch, rank, device), spec, epoch, shard.steps)
+        try:
+            totals = stepper.epoch(batches, gen, mid_epoch_evals, on_check)
+        except DivergedError as exc:
+            _report_divergence(cfg, epoch, exc.step, scheduler, rank, tracker)
+            return
+        synchronize(device)
         metrics = progress.metrics(
             epoch,
-            loss_sum,
-            seen,
+            totals.loss_sum,
+            totals.seen,
             time.perf_counter() - t0 - eval_time,
             scheduler,
             time.perf_counter() - t_start,
         )
         # From the optimizer's own state: a resumed run continues the count, a restart would not.
         metrics["optimizer_steps"] = _optimizer_steps(optimizer)
-        with tempfile.TemporaryDirectory(prefix="rayvit-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                save_training_checkpoint(
-                    Path(tmp), model, spec.pre, optimizer, scheduler, epoch, metrics, cfg
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_checkpoint(metrics, rank, model, spec.pre, optimizer, scheduler, epoch, cfg)
     if tracker is not None:
         tracker.finish()
+
+
+def restore(checkpoint: Any, spec: WorkerSpec, rank: int, world: int) -> tuple[Any, dict[str, Any] | None]:
+    """The model, and the training state to resume from (None: start fresh).
+
+    Only rank 0 reads the checkpoint; the other ranks build the same architecture from its
+    ``config.json`` and get the weights from DDP's broadcast when the model is wrapped, and the
+    training state from ``_from_rank0``: one read of the bucket per resume, not one per rank.
+    """
+    cfg = spec.cfg
+    if checkpoint is None:
+        return build_model(cfg.model, list(spec.class_names)), None
+    if rank == 0 or world == 1:
+        restored = load_training_checkpoint(checkpoint, cfg.model.attn_implementation)
+        assert restored is not None
+        return restored.model, restored.state
+    return model_without_weights(checkpoint, cfg.model.attn_implementation), None
+
+
+def _from_rank0(state: dict[str, Any] | None, world: int) -> dict[str, Any] | None:
+    """Rank 0's training state on every rank (they all hold the same optimizer state)."""
+    if world == 1 or not dist.is_initialized():
+        return state
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def report_checkpoint(
+    metrics: dict[str, Any],
+    rank: int,
+    model: torch.nn.Module,
+    pre: Preprocessor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    cfg: Config,
+) -> None:
+    """The epoch's metrics from every rank, its checkpoint from rank 0 only, uploaded in the
+    background (Ray Train's asynchronous upload, ``train.checkpoint_upload``): training goes on
+    while the bucket is written; Ray Train registers the checkpoint once it is complete, and
+    deletes the local copy."""
+    from ray.train import CheckpointUploadMode
+
+    ckpt = None
+    if rank == 0:
+        folder = Path(tempfile.mkdtemp(prefix="rayvit-ckpt-"))
+        save_training_checkpoint(folder, model, pre, optimizer, scheduler, epoch, metrics, cfg)  # type: ignore[arg-type]
+        ckpt = ray.train.Checkpoint.from_directory(str(folder))
+    mode = CheckpointUploadMode.ASYNC if cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics, checkpoint=ckpt, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
+    )
 
 
 def train_step(
@@ -347,22 +424,153 @@ def train_step(
     cfg: Config,
     bf16: bool,
     class_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One optimizer step; ``DivergedError`` (on every rank alike) when the gradients are not finite.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``x, y`` in ``train.grad_accum_steps`` micro-batches: the mean loss
+    and whether the gradient norm is finite, both left on the device (the host never waits).
 
-    The gradient norm is computed after DDP's all-reduce, so every rank sees the same value
-    and they all stop at the same step; a non-finite loss on any rank makes it non-finite.
+    Gradients are summed locally over the micro-batches and all-reduced once, with the last.
+    The norm is taken after DDP's all-reduce, so every rank sees the same value; a non-finite
+    loss on any rank makes it non-finite. A non-finite step still updates the parameters (they
+    become non-finite); the caller stops at its next check, before any checkpoint.
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = forward(pixel_values=x).logits
-    loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.train.label_smoothing)
+    n = len(y)
+    xs, ys = x.split(cfg.train.batch_size), y.split(cfg.train.batch_size)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros((), device=x.device)
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        share = len(yi) / n
+        with _no_sync(ddp_model) if i < len(xs) - 1 else contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(pixel_values=xi).logits
+            loss = F.cross_entropy(
+                logits.float(), yi, weight=class_weight, label_smoothing=cfg.train.label_smoothing
+            )
+            (loss * share if share != 1 else loss).backward()
+        total += loss.detach() * share
     norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.train.grad_clip or math.inf)
-    if not bool(torch.isfinite(norm)):
-        raise DivergedError
     optimizer.step()
-    return loss.detach()
+    return total, torch.isfinite(norm)
+
+
+def _no_sync(model: torch.nn.Module) -> Any:
+    """DDP's ``no_sync`` (gradients kept local), or nothing for a single worker's bare model."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the job's parameter groups; fused (one kernel, its step counts on the device,
+    no ``.item()`` per step) where torch has the fused kernel."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=device.type in ("cuda", "cpu")
+    )
+
+
+def ddp_options(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """``DistributedDataParallel`` settings: gradients in place in the all-reduce buckets (no
+    copy, less memory), a static graph where it holds (no micro-batches, which skip the
+    all-reduce, and no compile, whose graph splitting DDP's static graph does not know)."""
+    static = cfg.train.ddp_static_graph and cfg.train.grad_accum_steps == 1 and not cfg.train.compile
+    return {"gradient_as_bucket_view": True, "static_graph": static}
+
+
+def prepare(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The worker's model, on its device, in DDP when the group has more than one worker, with
+    activation checkpointing and bf16 gradient compression when configured."""
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    ddp_model: torch.nn.Module = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs=ddp_options(cfg, device)
+    )
+    if cfg.train.ddp_bf16_grads and device.type == "cuda" and isinstance(ddp_model, DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp_model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with DDP and compile)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+
+
+@dataclass
+class EpochTotals:
+    """What an epoch has summed so far, on the device: read only at checks."""
+
+    loss_sum: torch.Tensor
+    seen: int
+    first_bad: torch.Tensor
+    """0-based step of the first non-finite gradient norm this epoch, -1 while there is none."""
+
+
+@dataclass
+class Stepper:
+    """The training steps of one worker, as the job and the benchmarks run them.
+
+    ``epoch`` runs one epoch's batches through the ``Preprocessor`` and ``train_step`` and only
+    looks at the device (a sync) every ``train.log_every_steps`` steps, at the steps ``extra``
+    names and at the epoch's end; there it raises ``DivergedError`` if a step was not finite.
+    """
+
+    forward: Any
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pre: Preprocessor
+    cfg: Config
+    bf16: bool
+    device: torch.device
+    report_compile: bool = False
+    """Say how long the first step took (compilation included), once."""
+    class_weight: torch.Tensor | None = None
+    """Per-class loss weights (``train.class_weights``), on the device."""
+
+    def epoch(
+        self,
+        batches: Iterable[Any],
+        generator: torch.Generator | None,
+        extra: frozenset[int] = frozenset(),
+        on_check: Any = None,
+    ) -> EpochTotals:
+        t = EpochTotals(
+            torch.zeros((), device=self.device), 0, torch.full((), -1, dtype=torch.long, device=self.device)
+        )
+        every = self.cfg.train.log_every_steps
+        for step, batch in enumerate(batches):
+            t_first = time.perf_counter() if self.report_compile else 0.0
+            x = self.pre(batch["image"], train=self.cfg.train.augment, generator=generator)
+            y = batch["label"]
+            loss, finite = train_step(
+                self.forward, self.ddp_model, self.optimizer, x, y, self.cfg, self.bf16, self.class_weight
+            )
+            self.scheduler.step()
+            t.loss_sum += loss * len(y)
+            t.seen += len(y)
+            t.first_bad = torch.where(finite | (t.first_bad >= 0), t.first_bad, step)
+            done = step + 1
+            if self.report_compile:
+                self.report_compile = False
+                synchronize(self.device)
+                say(f"torch.compile: first step {time.perf_counter() - t_first:.1f}s, compilation included")
+            if done % every == 0 or done in extra:
+                check_finite(t)
+                if on_check is not None:
+                    on_check(done, t)
+        check_finite(t)
+        return t
+
+
+def check_finite(t: EpochTotals) -> None:
+    """Raise ``DivergedError`` (on every rank alike) when a step of the epoch was not finite."""
+    op = dist.ReduceOp.MAX if dist.is_initialized() else None
+    (bad,) = _all_reduce([float(t.first_bad)], t.loss_sum.device, op)
+    if bad >= 0:
+        raise DivergedError(int(bad))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:

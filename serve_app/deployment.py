@@ -106,7 +106,7 @@ class ImageClassifier:
         self.model_info = {"name": self.name, "version": self.version}
         self.metrics = ServeMetrics(self.name, self.version)
         self.api_keys = ApiKeys.load(None)
-        self.decoder = DecodePool(self.settings.decode_threads)
+        self.decoder = DecodePool(_thread_count(self.settings.decode_threads))
         self.side = self.predictor.pre.image_size
         self.decode_limits = DecodeLimits.of(self.settings, self.side)
         self.pending = 0
@@ -114,7 +114,10 @@ class ImageClassifier:
         self._unhealthy: str | None = None
         self._last_ok = 0.0
         limit_pil_pixels(self.settings.max_pixels)
-        self._probe([np.zeros((self.side, self.side, 3), np.uint8), self._probe_image])  # warm-up
+        # Warm-up: on a GPU at the largest batch, so that its kernels are chosen and its memory
+        # taken before the first request; on a CPU two images do.
+        warm = self.settings.max_batch_size if self.predictor.device.type == "cuda" else 2
+        self._probe([np.zeros((self.side, self.side, 3), np.uint8)] * (warm - 1) + [self._probe_image])
         logger.info(f"loaded model {self.name} {self.version} from {model_dir} on {self.predictor.device}")
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -128,7 +131,7 @@ class ImageClassifier:
         self.infer.set_max_batch_size(settings.max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._threads = _thread_count(settings.torch_threads)
-        self.decoder.resize(settings.decode_threads)
+        self.decoder.resize(_thread_count(settings.decode_threads))
         limit_pil_pixels(settings.max_pixels)
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the replica owns its process
         self.decode_limits = DecodeLimits.of(settings, self.side)

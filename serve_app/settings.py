@@ -67,8 +67,9 @@ class ReplicaSettings(BaseModel):
     max_files: int = Field(64, ge=1)
     """Most images in one multipart request; more get 413."""
     default_top_k: int = Field(3, ge=1, le=10)
-    decode_threads: int = Field(2, ge=1, le=64)
-    """Threads that decode images, per replica; each holds at most one image being decoded."""
+    decode_threads: int | None = Field(None, ge=1, le=64)
+    """Threads that decode images, per replica (each holds at most one image being decoded); null
+    = the replica's CPU reservation, rounded up (a GPU replica's CPUs feed its GPU)."""
     gil_switch_interval_ms: float = Field(0.5, gt=0.0, le=100.0)
     """How long a thread that wants the GIL waits before the holder must hand it over (Python's
     default is 5 ms). Every request hops to a decode thread and back, and torch re-takes the GIL

@@ -199,7 +199,7 @@ def test_help_lists_every_key_with_type_default_and_meaning() -> None:
     for key in keys:
         assert f"  {key} (" in out, key
     # type, bounds and default on the key's line, its docstring below it
-    assert "  train.batch_size (int >= 1, default 64)\n      Per worker." in out
+    assert "  train.batch_size (int >= 1, default 64)\n      Per worker and micro-batch;" in out
     assert "  tune.lrs (list[float > 0] (non-empty) | null, default null)\n      Shorthand for" in out
     assert "  scaling.num_workers (int >= 1 | list[int >= 1] (2 items) | 'auto', default auto)" in out
 

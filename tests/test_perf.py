@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import ROOT
 from torch.utils.flop_counter import FlopCounterMode
 
-from rayvit.config import ModelConfig
+from rayvit.config import ModelConfig, load_config
 from rayvit.model import FAMILIES, architecture_config, build_model
 from rayvit.perf import (
     forward_flops_per_image,
@@ -114,3 +116,31 @@ def test_no_peak_and_no_mfu_on_cpu() -> None:
 def test_mfu() -> None:
     assert mfu(3000.0, 105e9, 989e12) == pytest.approx(3000 * 105e9 / 989e12)
     assert mfu(0.0, 105e9, 989e12) == 0.0
+
+
+@pytest.mark.slow  # a Ray Train run: ~30 s on an idle machine
+def test_gpu_bench_runs_the_jobs_own_step_as_a_smoke_test_on_cpu(ray_cluster: None, cifar10: Path) -> None:
+    """bench/gpu_train.py, tiny, on the CPU: a Ray Train run of the job's step fed by Ray Data,
+    with figures that mean something (images/s, the share of time waiting for data)."""
+    from bench.gpu_train import describe, measure
+
+    cfg = load_config(
+        ROOT / "configs" / "quick.yaml",
+        [
+            f"data.path={cifar10}",
+            "data.train_limit=96",
+            "data.val_limit=1",
+            "model.arch.hidden_size=32",
+            "model.arch.num_hidden_layers=1",
+            "model.arch.num_attention_heads=2",
+            "model.arch.intermediate_size=64",
+            "train.batch_size=16",
+            "train.log_every_steps=2",
+            "scaling.cpus_per_worker=1",
+            "wandb.mode=disabled",
+        ],
+    )
+    figures = measure(cfg, workers=1, use_gpu=False, steps=4, warmup=1)
+    assert figures["images_per_s"] > 0 and figures["mfu"] is None and figures["device"] == "CPU"
+    assert 0 <= figures["data_wait_share"] < 1
+    assert "img/s, MFU n/a, waiting for data" in describe(figures)

@@ -80,3 +80,22 @@ def test_resume_check_names_changed_settings_and_data(tmp_path: Path) -> None:
         ROOT / "configs" / "quick.yaml", [f"output_dir={tmp_path}", "seed=3", "restart=true"]
     )
     check_resume(restart, storage, "fp2")  # restart=true: no check
+
+
+def test_other_ranks_build_the_architecture_from_the_checkpoint_config_alone(tmp_path: Path) -> None:
+    """What a rank other than 0 reads on resume: config.json only; the model it builds has the
+    checkpoint's parameters, name for name and shape for shape (DDP then sends rank 0's values)."""
+    from ray.train import Checkpoint
+
+    from rayvit.checkpoint import model_without_weights
+
+    _checkpoint(tmp_path / "checkpoint_a", 1)
+    (tmp_path / "checkpoint_a" / "training_state.pt").write_bytes(b"not read")
+    (tmp_path / "checkpoint_a" / "model" / "model.safetensors").write_bytes(b"not read either")
+    skeleton = model_without_weights(Checkpoint(str(tmp_path / "checkpoint_a")), "eager")
+    cfg = load_config(ROOT / "configs" / "quick.yaml", TINY_MODEL)
+    reference = build_model(cfg.model, ["a", "b"])
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {
+        n: p.shape for n, p in reference.named_parameters()
+    }
+    assert skeleton.config.id2label == {0: "a", 1: "b"}

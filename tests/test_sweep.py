@@ -234,3 +234,40 @@ def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> No
     assert epochs and epochs <= {1, 2}
     curve = (out / "best" / "training_curve.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in curve[1:]] == ["1", "2"]
+
+
+def test_sweep_trials_have_a_fixed_world_size_single_runs_stay_elastic(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """On an elastic range, a sweep's trial asks Ray Train for the range's upper end, fixed (every
+    trial the same global batch), a single run for the range; both packed onto one node."""
+    import ray.data
+
+    from rayvit.cluster import Placement
+    from rayvit.config import Config
+    from rayvit.job import Job
+    from rayvit.preprocess import Preprocessor
+    from rayvit.storage import Storage
+
+    ds = ray.data.range(4)
+    placement = Placement((1, 4), False, {"CPU": 1.0})
+    cfg = Config.model_validate({"train": {"batch_size": 16, "grad_accum_steps": 2}})
+    job = Job(
+        cfg,
+        Storage.from_setting(str(tmp_path)),
+        placement,
+        Preprocessor(32),
+        ("a",),
+        ds,
+        ds,
+        False,
+        "fp",
+        4,
+        1,
+        "g",
+    )
+    single, trial = job.trainer({}, "one"), job.trainer({"train.lr": 1e-3}, "two", fixed_world=True)
+    assert single.scaling_config.num_workers == (1, 4)  # type: ignore[comparison-overlap]  # V2 takes (min, max)
+    assert trial.scaling_config.num_workers == 4
+    assert single.scaling_config.placement_strategy == trial.scaling_config.placement_strategy == "PACK"
+    assert sweep.global_batch(cfg, 4) == 16 * 2 * 4

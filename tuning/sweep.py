@@ -102,6 +102,11 @@ def search_alg(cfg: Config, concurrent: int) -> Any:
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
 
 
+def global_batch(cfg: Config, workers: int) -> int:
+    """Images per optimizer step over all workers: what ``train.lr`` is set for."""
+    return cfg.train.batch_size * cfg.train.grad_accum_steps * workers
+
+
 def max_concurrent_trials(cfg: Config, placement: Placement) -> int:
     """How many trials fit side by side: CPUs (and GPUs) up now over one trial's workers; on an
     autoscaling cluster every trial may run at once (the autoscaler adds nodes for them)."""
@@ -136,7 +141,9 @@ def _train_driver(config: dict[str, Any], job: Job) -> None:
     quiet_libraries()
     trial_id = tune.get_context().get_trial_id()
     try:
-        job.trainer(dict(config), trial_id, callbacks=[TuneReportCallback()]).fit()
+        job.trainer(
+            dict(config), trial_id, callbacks=[TuneReportCallback()], fixed_world=is_sweep(job.cfg)
+        ).fit()
     except RayActorError:
         raise  # the controller's process or node is gone: Tune reruns the trial, which resumes
     except Exception as exc:
@@ -363,7 +370,8 @@ def run_job(cfg: Config) -> RunSummary:
         space = ", ".join(f"{k} {d.kind} {d.args}" for k, d in search_space(cfg).items())
         print(
             f"sweep over {space} ({cfg.tune.search_alg}, {cfg.tune.scheduler}, {trial_count(cfg)} trials), "
-            f"{job.placement.describe()}, up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
+            f"{job.placement.max_workers} worker(s) per trial (global batch {global_batch(cfg, job.placement.max_workers)}), "
+            f"up to {max_concurrent_trials(cfg, job.placement)} trial(s) at once",
             flush=True,
         )
     results = until_interrupted(build_tuner(job).fit)

@@ -1,0 +1,202 @@
+"""Benchmark: does uploading each epoch's checkpoint to a slow bucket slow training down?
+
+The job (``run_job``, one run, one worker, the quick recipe's code path with a model whose
+checkpoint is tens of MB) trains ``--epochs`` epochs three times:
+
+- ``local``: ``output_dir`` on the local disk (no upload: the baseline);
+- ``async``: ``output_dir`` in an S3 bucket (moto's server on 127.0.0.1) reached through a proxy on
+  127.0.0.1 that passes ``--mb-per-s`` MB/s, with ``train.checkpoint_upload=async`` (the default);
+- ``sync``: the same bucket and proxy, ``train.checkpoint_upload=sync`` (for reference).
+
+Per-epoch time is the difference of consecutive epochs' ``elapsed_s`` (epoch 1 and its start-up
+left out): an upload that blocks the workers shows there. Goal: async <= 1.05 x local, and the
+last checkpoint complete in the bucket (weights and training state).
+
+Each mode runs ``--rounds`` times, alternating, and keeps its best round (a shared machine's slow
+minute does not decide the ratio).
+
+Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4] [--rounds 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rayvit.cluster import free_port, init_ray
+from rayvit.config import RayConfig, load_config
+from rayvit.storage import Storage
+from tuning import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+BUCKET = "rayvit-bench"
+MODES = ("local", "async", "sync")
+
+
+class SlowProxy:
+    """TCP on 127.0.0.1 to ``target``, every connection's upload paced to ``rate`` bytes/s in all."""
+
+    def __init__(self, target: int, rate: float) -> None:
+        self.target, self.rate = target, rate
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._server.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
+        try:
+            while chunk := src.recv(64 * 1024):
+                if paced:
+                    self._wait(len(chunk))
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _wait(self, n: int) -> None:
+        with self._lock:
+            start = max(self._next, time.monotonic())
+            self._next = start + n / self.rate
+        time.sleep(max(0.0, self._next - time.monotonic()))
+
+
+def epoch_times(storage: Storage) -> list[float]:
+    """Per-epoch seconds (epochs 2..E) from the checkpoints' ``elapsed_s``; every epoch's
+    checkpoint is read from the run's trial folder (all are kept)."""
+    import pyarrow.fs as pafs
+
+    fs = storage.filesystem()
+    found = fs.get_file_info(pafs.FileSelector(storage.fs_path("trials"), recursive=True))
+    elapsed = {}
+    for info in found:
+        if info.path.endswith("/metrics.json") and "/checkpoint_" in info.path:
+            with fs.open_input_stream(info.path) as f:
+                m = json.loads(f.read())
+            elapsed[int(m["epoch"])] = float(m["elapsed_s"])
+    epochs = sorted(elapsed)
+    return [elapsed[b] - elapsed[a] for a, b in itertools.pairwise(epochs)]
+
+
+def complete(storage: Storage) -> bool:
+    """The last checkpoint holds the weights and the training state, at full size."""
+    import pyarrow.fs as pafs
+
+    fs = storage.filesystem()
+    found = fs.get_file_info(pafs.FileSelector(storage.fs_path("trials"), recursive=True))
+    dirs = sorted(
+        i.path for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_2")
+    )
+    if not dirs:
+        return False
+    sizes = {i.path.rsplit("/", 1)[1]: i.size or 0 for i in found if i.path.startswith(dirs[-1] + "/")}
+    return bool(sizes.get("model.safetensors", 0) > 1e6 and sizes.get("training_state.pt", 0) > 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    ap.add_argument("--mb-per-s", type=float, default=4.0, help="the proxy's upload bandwidth")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--images", type=int, default=1600, help="training images an epoch")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating; the best counts")
+    args = ap.parse_args()
+    from moto.server import ThreadedMotoServer
+
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    moto_port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    server.start()
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
+    proxy = SlowProxy(moto_port, args.mb_per_s * 1e6)
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    init_ray(RayConfig(num_cpus=2))
+    base = [
+        f"data.path={args.data}",
+        f"data.train_limit={args.images}",
+        "data.val_limit=200",
+        "data.test_limit=200",
+        "model.arch.hidden_size=256",  # ~3.3 M parameters: 13 MB of weights, 40 MB with AdamW's state
+        "model.arch.num_hidden_layers=4",
+        "model.arch.num_attention_heads=4",
+        "model.arch.intermediate_size=512",
+        f"train.epochs={args.epochs}",
+        f"train.keep_checkpoints={args.epochs}",
+        "tune.lrs=null",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+        "wandb.mode=disabled",
+    ]
+    local = Path(tempfile.mkdtemp(prefix="rayvit-ckpt-bench-"))
+    results: dict[str, Any] = {}
+    for rnd in range(args.rounds):
+        for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+            where = (
+                [f"output_dir={local / f'{mode}{rnd}'}"]
+                if mode == "local"
+                else [f"output_dir=s3://{BUCKET}/{mode}{rnd}", f"storage.endpoint_url={endpoint}"]
+            )
+            upload = "sync" if mode == "sync" else "async"
+            cfg = load_config(
+                ROOT / "configs" / "quick.yaml", [*base, *where, f"train.checkpoint_upload={upload}"]
+            )
+            t0 = time.perf_counter()
+            run_job(cfg)
+            storage = Storage.from_setting(cfg.output_dir, cfg.storage.endpoint_url)
+            times = epoch_times(storage)
+            r = {
+                "epoch_s": times,
+                "mean_epoch_s": sum(times) / max(1, len(times)),
+                "complete": complete(storage),
+                "job_s": time.perf_counter() - t0,
+            }
+            if mode not in results or r["mean_epoch_s"] < results[mode]["mean_epoch_s"]:
+                results[mode] = r
+    server.stop()
+    print(
+        f"checkpoint upload through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} "
+        f"images, best of {args.rounds} alternating rounds:"
+    )
+    for mode, r in results.items():
+        print(
+            f"  {mode:<6}: {r['mean_epoch_s']:6.2f} s/epoch (epochs 2..: {', '.join(f'{t:.2f}' for t in r['epoch_s'])}), "
+            f"last checkpoint complete: {r['complete']}, whole job {r['job_s']:.0f} s"
+        )
+    ratio = results["async"]["mean_epoch_s"] / results["local"]["mean_epoch_s"]
+    print(
+        f"  async / local: {ratio:.3f} (goal <= 1.05); sync / local: {results['sync']['mean_epoch_s'] / results['local']['mean_epoch_s']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
