@@ -137,7 +137,12 @@ def untrained_model_folder(dest: Path, image_size: int = 32) -> Path:
     from rayvit.model import build_model, build_preprocessor
 
     overrides = ["model.pretrained=null", f"model.image_size={image_size}", "model.arch.patch_size=8"]
-    tiny = ["model.arch.hidden_size=32", "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=2", "model.arch.intermediate_size=64"]
+    tiny = [
+        "model.arch.hidden_size=32",
+        "model.arch.num_hidden_layers=2",
+        "model.arch.num_attention_heads=2",
+        "model.arch.intermediate_size=64",
+    ]
     cfg = load_config(ROOT / "configs" / "quick.yaml", [*overrides, *tiny])
     save_model_folder(build_model(cfg.model, CIFAR10_CLASSES), build_preprocessor(cfg.model), dest)
     write_json(dest / "metrics.json", {"name": dest.name})
