@@ -26,9 +26,9 @@ CHATTER = [
 # The project's own lines.
 PROJECT = [
     r"data: \d+ train / \d+ val images( at \d+px)?, 10 classes from .*",
-    r"sweep over lr .*",
+    r"sweep over \S+ .*, \d+ worker\(s\) per trial \(global batch \d+\), up to \d+ trial\(s\) at once",
     r"(\(RayTrainWorker pid=\d+\) )?epoch [\d.]+/\d+  train_loss .*",
-    r"trial +lr +epochs +best val acc +early stop +status",
+    r"trial +train\.lr +epochs +best val_accuracy +early stop +status",
     r"\w+_\d{5} +[\d.e-]+ +[\d.]+ +[\d.]+ +(True|False) +\w+( \*)?",
     r"exported: .*  test_accuracy [\d.]+  val_accuracy [\d.]+",
 ]
