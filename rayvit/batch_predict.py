@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import resource
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -499,8 +500,15 @@ def write_confusion(cm: np.ndarray, labels: list[str], out: Storage) -> dict[str
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory: Linux's ``VmHWM`` of this program's own memory
+    (``ru_maxrss`` also counts what the parent process held when it forked this one), else
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def _summary_line(report: dict[str, Any]) -> str:
