@@ -307,7 +307,7 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     """The lazy Ray Data pipeline: decode tasks -> model actors -> write tasks -> counts."""
     import ray.data
 
-    from rayvit.data import no_memory_warnings
+    from rayvit.data import decode_tasks, no_memory_warnings
 
     source = plan.source
     job = {
@@ -323,17 +323,10 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
     decode: Any = _decode
     items = ray.data.from_items(plan.units, override_num_blocks=max(1, len(plan.units)))
-    ds = items.map_batches(
-        decode,
-        batch_size=1,
-        fn_kwargs={"source": source, "side": side, "block_rows": rows},
-        num_cpus=cfg.decode_cpus,
-        # No memory reservation, as training's decode tasks (``read_dataset``): Ray Data's own
-        # estimate leaves tasks pending on an autoscaler whose node types list no memory. Being
-        # a remote argument the actors do not have, it also keeps Ray Data from fusing decoding
-        # into them where both ask for the same CPUs: the model never waits on decoding.
-        memory=0,
-    )
+    # Training's decode step. Its ``memory=0``, a remote argument the actors do not have, also
+    # keeps Ray Data from fusing decoding into them where both ask for the same CPUs: the model
+    # never waits on decoding.
+    ds = decode_tasks(items, decode, source, side, rows, cfg.decode_cpus)
     ds = ds.map_batches(
         PredictBatch,
         batch_size=cfg.batch_size,

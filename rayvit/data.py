@@ -110,23 +110,30 @@ def read_dataset(
         items = items.randomize_block_order(seed=epoch_seed(shuffle_seed))
     decode: Any = _decode_batch  # a generator of blocks; Ray Data's stubs name plain functions
     per_block = block_rows(cfg, side)
-    ds = items.map_batches(
-        decode,
-        batch_size=1,
-        fn_kwargs={"source": source, "side": side, "block_rows": per_block},
-        num_cpus=cfg.decode_cpus,
-        # No memory reservation: a block is bounded (``MAX_BLOCK_BYTES``), and the demand Ray
-        # Data would add from its own estimate is one that an autoscaler whose node types list
-        # no memory (a hand-written or local provider's) never meets: decode tasks that need a
-        # new node then wait forever. Ray Data's high-memory warning compares a task's whole
-        # process (torch included) with that reservation, so it is left out for these tasks.
-        memory=0,
-    )
+    ds = decode_tasks(items, decode, source, side, per_block, cfg.decode_cpus)
     no_memory_warnings(ds)
     # Each yielded batch stays a block of its own (Ray Data would merge them up to 128 MiB):
     # bounded blocks bound what is in flight and let the per-epoch block order shuffle.
     ds.context.target_max_block_size = per_block * (side * side * 3 + ROW_OVERHEAD)
     return ds
+
+
+def decode_tasks(items: Any, decode: Any, source: Source, side: int, rows: int, num_cpus: float) -> Any:
+    """``items`` (one unit each) through ``decode`` in Ray Data tasks of ``num_cpus``: blocks of
+    at most ``rows`` images of ``side`` px; training's and batch prediction's decode step.
+
+    No memory reservation: a block is bounded (``MAX_BLOCK_BYTES``), and the demand Ray Data
+    would add from its own estimate is one that an autoscaler whose node types list no memory
+    (a hand-written or local provider's) never meets: decode tasks that need a new node then
+    wait forever. (``no_memory_warnings`` leaves out the warning that reservation would cause.)
+    """
+    return items.map_batches(
+        decode,
+        batch_size=1,
+        fn_kwargs={"source": source, "side": side, "block_rows": rows},
+        num_cpus=num_cpus,
+        memory=0,
+    )
 
 
 def no_memory_warnings(ds: Any) -> None:
