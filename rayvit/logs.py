@@ -115,6 +115,25 @@ def setup_ray_worker() -> None:
     """
     quiet_ray_worker()
     atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)
+    if sys.unraisablehook is not _drop_torn_dataset:
+        _drop_torn_dataset.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _drop_torn_dataset
+
+
+def _drop_torn_dataset(unraisable: Any) -> None:
+    """Drops the one unraisable error of a worker that a kill cuts short while it unpickles a
+    Ray Data ``Dataset`` (a split coordinator created as the job is stopped): the half-built
+    object's ``__del__`` reads an attribute its ``__setstate__`` never set and prints
+    ``Exception ignored in ...`` and a traceback into the job's output. Anything else is
+    reported as before."""
+    obj = unraisable.object
+    torn = (
+        isinstance(unraisable.exc_value, AttributeError)
+        and getattr(obj, "__qualname__", "") == "Dataset.__del__"
+        and getattr(obj, "__module__", "") == "ray.data.dataset"
+    )
+    if not torn:
+        _drop_torn_dataset.previous(unraisable)  # type: ignore[attr-defined]
 
 
 def filter_worker_output() -> None:
