@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ def _install_provider_defaults() -> None:
 
 
 def start_fake_cluster(
-    worker_cpus: float, max_workers: int, extra_env: dict[str, str], autoscaler_v2: bool = True
+    worker_cpus: int, max_workers: int, extra_env: dict[str, str], autoscaler_v2: bool = True
 ) -> FakeCluster:
     """Autoscaler v2 (as KubeRay runs it) reports its node types to the GCS, so a job can
     tell what the cluster can grow to."""
@@ -158,6 +158,10 @@ def start_fake_cluster(
         # Every node on 127.0.0.1 (the fake nodes would otherwise take the machine's address).
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
+        # Ray Data asks the autoscaler for its nodes' resources and renews the ask while it runs;
+        # an ask its executor did not cancel (a Train run's split coordinators end with the job)
+        # holds the nodes for 180 s. Here, as the 6 s idle timeout, it lapses sooner.
+        "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15",
     }
     if autoscaler_v2:
         config["provider"]["launch_multiple"] = True
@@ -245,15 +249,19 @@ class JobRun:
     duration_s: float
 
 
-def wait_for_job(cluster: FakeCluster, job_id: str, timeout: float = 900) -> JobRun:
-    """Poll until the job ends (or ``timeout``); its duration is the job API's own
-    start-to-end time, so the polling does not add to it."""
+def wait_for_job(
+    cluster: FakeCluster, job_id: str, timeout: float = 900, while_running: Callable[[], None] | None = None
+) -> JobRun:
+    """Poll until the job ends (or ``timeout``), calling ``while_running`` at every poll; its
+    duration is the job API's own start-to-end time, so the polling does not add to it."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.api)
     deadline = time.time() + timeout
     info = client.get_job_info(job_id)
     while time.time() < deadline and not info.status.is_terminal():
+        if while_running is not None:
+            while_running()
         time.sleep(2)
         info = client.get_job_info(job_id)
     end = info.end_time or int(time.time() * 1000)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,27 +36,30 @@ BUCKET_PREFIX = "jobs/quick"
 
 @pytest.fixture(scope="module")
 def fake_cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
-    cluster = start_fake_cluster(worker_cpus=1, max_workers=2, extra_env={**S3_ENV}, autoscaler_v2=True)
+    # 2 CPUs a node: one trial's two 0.5-CPU workers fit on one (node types take whole CPUs).
+    cluster = start_fake_cluster(worker_cpus=2, max_workers=2, extra_env={**S3_ENV}, autoscaler_v2=True)
     try:
         yield cluster
     finally:
         stop_fake_cluster(cluster.temp_dir)
 
 
-def _submit_and_wait(cluster: FakeCluster, s3: S3Server, timeout: float = 900) -> tuple[str, str]:
+def _submit_and_wait(
+    cluster: FakeCluster, s3: S3Server, timeout: float = 900, while_running: Callable[[], None] | None = None
+) -> tuple[str, str]:
     overrides = [o for o in TINY if not o.startswith("ray.")]
     entrypoint = " ".join(
         [
             f"python {ROOT / 'ray_jobs' / 'train.py'} --config {ROOT / 'configs' / 'quick.yaml'}",
             *overrides,
             "'tune.lrs=[1e-3,3e-3]'",
-            "tune.max_concurrent_trials=1",  # one trial's two workers fill the two fake nodes
+            "tune.max_concurrent_trials=2",
             f"output_dir=s3://{s3.bucket}/{BUCKET_PREFIX}",
             f"storage.endpoint_url={s3.endpoint}",
         ]
     )
     job_id = submit_job(cluster, entrypoint)
-    run = wait_for_job(cluster, job_id, timeout)
+    run = wait_for_job(cluster, job_id, timeout, while_running)
     assert run.status == "SUCCEEDED", run.logs[-4000:]
     return job_id, run.logs
 
@@ -69,8 +72,20 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
     assert len(head) == 1 and not [n for n in fake_cluster.nodes() if not n["is_head_node"]]
     head_id = head[0]["node_id"]
 
-    _, logs = _submit_and_wait(fake_cluster, s3_server)
+    # The trials' worker groups seen training at once: placement group -> its live workers' nodes.
+    together: list[dict[str, list[str]]] = []
+
+    def sample() -> None:
+        alive = [a for a in fake_cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
+        groups: dict[str, list[str]] = {}
+        for a in alive:
+            groups.setdefault(a["placement_group_id"], []).append(a["node_id"])
+        if not together and len(groups) >= 2 and all(len(nodes) == 2 for nodes in groups.values()):
+            together.append(groups)
+
+    _, logs = _submit_and_wait(fake_cluster, s3_server, while_running=sample)
     assert "exported: s3://" in logs
+    assert "2 worker(s) per trial (global batch 64), up to 2 trial(s) at once" in logs, logs[-3000:]
 
     # The autoscaler launched worker nodes, and every trainer ran on them.
     workers = [n for n in fake_cluster.nodes() if not n["is_head_node"]]
@@ -83,6 +98,16 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
     print(f"\nnodes: head ...{head_id[-5:]} + {len(workers)} worker node(s); RayTrainWorker actors per node:")
     for node_id, count in sorted(per_node.items()):
         print(f"  ...{node_id[-5:]}: {count}")
+    # Both trials trained at the same time, each with the sweep's 2 workers (so the same global
+    # batch) packed onto one node.
+    assert together, "the two trials never trained at the same time"
+    groups = together[0]
+    assert len(groups) == 2 and all(len(nodes) == 2 for nodes in groups.values()), groups
+    assert all(len(set(nodes)) == 1 for nodes in groups.values()), groups
+    print(
+        "trials at once, workers per node:",
+        [f"...{nodes[0][-5:]} x{len(nodes)}" for nodes in groups.values()],
+    )
 
     # Everything of the run is in the bucket.
     keys = s3_server.keys(BUCKET_PREFIX)

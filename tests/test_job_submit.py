@@ -85,7 +85,8 @@ def test_job_submit_runs_the_sweep_on_a_head_node(tmp_path: Path) -> None:
         assert logs.strip().splitlines()[-1] == (
             "interrupted (SIGTERM): rerun the same command to resume from the last checkpoint"
         ), logs[-3000:]
-        assert not re.search(r"Traceback|Exception ignored|SystemExit|multiple active Ray", logs), logs[-3000:]
+        teardown = r"Traceback|Exception ignored|SystemExit|multiple active Ray"
+        assert not re.search(teardown, logs), logs[-3000:]
         assert not (out_dir / "best").exists()
 
         second = _submit(bin_dir, api, env, [], command)

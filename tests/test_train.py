@@ -222,11 +222,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["crash", "ctrl-c"])
-def test_interrupted_run_resumes_on_rerun(tmp_path: Path, how: str) -> None:
-    """A run stopped after its first checkpoint resumes from it when the command is run again:
-    after a crash of the whole machine, and after Ctrl-C (SIGINT to the job's process group),
-    which ends the job at once with exit code 130 and one line saying how to go on."""
+def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
+    """A run stopped after a checkpoint resumes from it when the command is run again, twice
+    over: after Ctrl-C (SIGINT to the job's process group), which ends the job at once with exit
+    code 130 and one line saying how to go on, and then, in the resumed run, after a crash of the
+    whole machine (every process SIGKILLed, nothing gets to clean up)."""
     require_data()
     run_dir = tmp_path / "run"
     args = [
@@ -237,44 +237,59 @@ def test_interrupted_run_resumes_on_rerun(tmp_path: Path, how: str) -> None:
         "scaling.num_workers=1",
         "scaling.cpus_per_worker=1",
     ]
-    proc = subprocess.Popen(
-        train_cli_argv(args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 420  # a busy machine takes minutes to start Ray and decode
-    while time.time() < deadline and not _registered_epoch(run_dir):
-        time.sleep(0.2)
-    assert _registered_epoch(run_dir), "no checkpoint before the deadline"
-    if how == "crash":
-        _kill_session(proc.pid)  # a crash of the whole machine: nothing gets to clean up
-        proc.communicate(timeout=60)
-    else:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-        stdout, stderr = proc.communicate(timeout=180)
-        log = stdout + stderr
-        assert proc.returncode == 130, log[-3000:]
-        assert stderr.strip().splitlines()[-1] == (
-            "interrupted (SIGINT): rerun the same command to resume from the last checkpoint"
-        ), stderr[-3000:]
-        noise = [
-            ln
-            for ln in log.splitlines()
-            if re.search(r"Traceback|Exception ignored|SystemExit|interrupted|Stop signal", ln)
-        ]
-        assert len(noise) == 1, "\n".join(noise)
-    assert not (run_dir / "best").exists()
-    done_before = _registered_epoch(run_dir)
-    assert done_before < 3
 
+    def start_and_wait_for_epoch_past(done: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            train_cli_argv(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # what a crash cuts off was printed already
+        )
+        deadline = time.time() + 420  # a busy machine takes minutes to start Ray and decode
+        while time.time() < deadline and _registered_epoch(run_dir) <= done:
+            time.sleep(0.2)
+        assert _registered_epoch(run_dir) > done, "no new checkpoint before the deadline"
+        return proc
+
+    # Ctrl-C after the first checkpoint.
+    proc = start_and_wait_for_epoch_past(0)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    stdout, stderr = proc.communicate(timeout=180)
+    log = stdout + stderr
+    assert proc.returncode == 130, log[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted (SIGINT): rerun the same command to resume from the last checkpoint"
+    ), stderr[-3000:]
+    noise = [
+        ln
+        for ln in log.splitlines()
+        if re.search(r"Traceback|Exception ignored|SystemExit|interrupted|Stop signal", ln)
+    ]
+    assert len(noise) == 1, "\n".join(noise)
+    assert not (run_dir / "best").exists()
+    after_ctrl_c = _registered_epoch(run_dir)
+    assert after_ctrl_c < 3
+
+    # The rerun resumes there; the machine crashes after its next checkpoint.
+    proc = start_and_wait_for_epoch_past(after_ctrl_c)
+    _kill_session(proc.pid)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert f"resuming from checkpoint after epoch {after_ctrl_c}" in stdout + stderr, (stdout + stderr)[
+        -3000:
+    ]
+    assert not (run_dir / "best").exists()
+    after_crash = _registered_epoch(run_dir)
+    assert after_ctrl_c < after_crash < 3
+
+    # The third run finishes from the crashed run's last checkpoint.
     out = run_train_cli(args)
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr
-    assert f"resuming from checkpoint after epoch {done_before}" in log
-    assert f"epoch {done_before}/3" not in log  # finished epochs are not trained again
+    assert f"resuming from checkpoint after epoch {after_crash}" in log
+    assert f"epoch {after_crash}/3" not in log  # finished epochs are not trained again
     assert log.count("epoch 3/3  train_loss") == 1  # one progress line per epoch, not two
     assert json.loads((run_dir / "best" / "metrics.json").read_text())["epochs"] == 3
 
