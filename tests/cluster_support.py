@@ -158,10 +158,6 @@ def start_fake_cluster(
         # Every node on 127.0.0.1 (the fake nodes would otherwise take the machine's address).
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
-        # Ray Data asks the autoscaler for its nodes' resources and renews the ask while it runs;
-        # an ask its executor did not cancel (a Train run's split coordinators end with the job)
-        # holds the nodes for 180 s. Here, as the 6 s idle timeout, it lapses sooner.
-        "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15",
     }
     if autoscaler_v2:
         config["provider"]["launch_multiple"] = True
