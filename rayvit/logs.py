@@ -105,35 +105,46 @@ def _quiet_ray() -> None:
 
 def setup_ray_worker() -> None:
     """Every Ray worker process of the job (``WORKER_SETUP_HOOK``): quiet, and silent when it
-    is killed during its own exit.
+    is killed.
 
     Ray's worker answers SIGTERM by raising ``SystemExit``. A worker that is already exiting
     (its task loop done, the interpreter finalizing) and then gets the SIGTERM of a kill
     raises it inside whatever finalizer runs, and prints ``Exception ignored in ...`` and a
     traceback into the job's output. Once the exit has begun, SIGTERM does what it does by
-    default: end the process.
+    default: end the process. Before that, a SIGTERM that lands in a finalizer ends the
+    process there (``_on_unraisable``).
     """
     quiet_ray_worker()
     atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)
-    if sys.unraisablehook is not _drop_torn_dataset:
-        _drop_torn_dataset.previous = sys.unraisablehook  # type: ignore[attr-defined]
-        sys.unraisablehook = _drop_torn_dataset
+    if sys.unraisablehook is not _on_unraisable:
+        _on_unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _on_unraisable
 
 
-def _drop_torn_dataset(unraisable: Any) -> None:
-    """Drops the one unraisable error of a worker that a kill cuts short while it unpickles a
-    Ray Data ``Dataset`` (a split coordinator created as the job is stopped): the half-built
-    object's ``__del__`` reads an attribute its ``__setstate__`` never set and prints
-    ``Exception ignored in ...`` and a traceback into the job's output. Anything else is
-    reported as before."""
-    obj = unraisable.object
+def _on_unraisable(unraisable: Any) -> None:
+    """What a kill does to a Ray worker inside a finalizer, without the traceback it prints.
+
+    - Ray's SIGTERM handler raises ``SystemExit`` wherever the worker is; inside a finalizer (a
+      weakref callback, a ``__del__`` run by the garbage collector) Python prints ``Exception
+      ignored in ...`` and a traceback, and drops the exit. The worker exits here instead, as it
+      was told to.
+    - A kill that cuts short the unpickling of a Ray Data ``Dataset`` (a split coordinator
+      created as the job is stopped) leaves a half-built object whose ``__del__`` reads an
+      attribute ``__setstate__`` never set: dropped.
+
+    Anything else is reported as before."""
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, SystemExit):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
     torn = (
-        isinstance(unraisable.exc_value, AttributeError)
+        isinstance(exc, AttributeError)
         and getattr(obj, "__qualname__", "") == "Dataset.__del__"
         and getattr(obj, "__module__", "") == "ray.data.dataset"
     )
     if not torn:
-        _drop_torn_dataset.previous(unraisable)  # type: ignore[attr-defined]
+        _on_unraisable.previous(unraisable)  # type: ignore[attr-defined]
 
 
 def filter_worker_output() -> None:

@@ -107,3 +107,26 @@ def test_a_worker_killed_while_it_unpickles_a_dataset_prints_nothing() -> None:
     assert "Dataset.__del__" not in done.stderr
     assert "_current_executor" not in done.stderr
     assert "still reported" in done.stderr
+
+
+def test_a_worker_told_to_exit_inside_a_finalizer_exits_quietly() -> None:
+    """Ray's SIGTERM handler raises SystemExit wherever the worker is; in a weakref callback
+    Python would print a traceback and go on running. The worker setup hook ends it there."""
+    script = (
+        "import gc, weakref\n"
+        "from rayvit.logs import setup_ray_worker\n"
+        "setup_ray_worker()\n"
+        "class Thing:\n"
+        "    pass\n"
+        "def killed(_):\n"
+        "    raise SystemExit(1)  # what Ray's SIGTERM handler raises\n"
+        "thing = Thing()\n"
+        "ref = weakref.ref(thing, killed)\n"
+        "del thing\n"
+        "gc.collect()\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "still running" not in done.stdout
+    assert not TEARDOWN.search(done.stderr), done.stderr
