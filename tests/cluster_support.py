@@ -95,6 +95,17 @@ class FakeCluster:
 
         return [_as_dict(n) for n in list_nodes(address=self.api, detail=True, limit=10_000)]
 
+    def worker_nodes_alive(self) -> list[dict[str, Any]]:
+        return [n for n in self.nodes() if not n["is_head_node"] and n["state"] == "ALIVE"]
+
+    def wait_for_no_worker_nodes(self, timeout: float) -> list[dict[str, Any]]:
+        """Poll until the autoscaler has removed every worker node (or ``timeout``); the worker
+        nodes still up (the autoscaler's idle timeout here is 6 s)."""
+        deadline = time.time() + timeout
+        while (alive := self.worker_nodes_alive()) and time.time() < deadline:
+            time.sleep(2)
+        return alive
+
     def actors(self, class_name: str) -> list[dict[str, Any]]:
         from ray.util.state import list_actors
 

@@ -169,12 +169,7 @@ def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
 
     # Idle worker nodes are removed again (the autoscaler's idle timeout is 6 s here).
     t0 = time.time()
-    deadline = t0 + 300
-    while time.time() < deadline:
-        alive = [n for n in fake_cluster.nodes() if not n["is_head_node"] and n["state"] == "ALIVE"]
-        if not alive:
-            break
-        time.sleep(3)
+    alive = fake_cluster.wait_for_no_worker_nodes(300)
     assert not alive, f"worker nodes still up: {[n['node_id'][-5:] for n in alive]}"
     print(f"worker nodes removed {time.time() - t0:.0f}s after the last job")
 
