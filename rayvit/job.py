@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,15 @@ TRIALS_DIR = "trials"
 SWEEP_DIR = "sweep"
 """Tune's experiment state (what a rerun resumes from)."""
 JOB_FILE = "job.json"
+#: Ray Train's setting, read from the environment of the process that fits a trainer: how long
+#: its controller waits for the workers' placement group before it gives up and decides again.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: That wait for an elastic run. Ray's default (60 s) suits a fixed worker count that waits for
+#: nodes the autoscaler is adding. An elastic run sizes itself from the nodes that are up and
+#: waits only when that view was stale: a node lost a moment ago still counted (the GCS needs a
+#: few health checks to declare it dead), so the placement never comes. Then the sooner it
+#: decides again, the sooner it goes on with the workers that fit.
+ELASTIC_START_TIMEOUT_S = 15.0
 
 #: Settings that change where or how fast a run goes, not what it computes: a rerun may change
 #: them and still resume.
@@ -86,6 +96,19 @@ class Job:
     """The wandb group of the job's runs."""
     class_counts: tuple[int, ...] = ()
     """Training images per class, when a run weighs classes (``train.class_weights``)."""
+
+    def fit(
+        self,
+        overrides: dict[str, Any],
+        name: str,
+        callbacks: list[Any] | None = None,
+        fixed_world: bool = False,
+    ) -> ray.train.Result:
+        """Fit one run (``trainer``) in this process, a Tune trial's driver; an elastic run
+        waits ``ELASTIC_START_TIMEOUT_S`` for a placement (unless ``START_TIMEOUT_ENV`` is set)."""
+        if not fixed_world and self.placement.min_workers < self.placement.max_workers:
+            os.environ.setdefault(START_TIMEOUT_ENV, f"{ELASTIC_START_TIMEOUT_S:g}")
+        return self.trainer(overrides, name, callbacks, fixed_world).fit()
 
     def trainer(
         self,

@@ -56,8 +56,28 @@ class _RayConsoleFilter(_RayNoticeFilter):
         return record.levelno >= logging.WARNING and super().filter(record)
 
 
+class _StartTimeoutLine(logging.Filter):
+    """Ray Train's controller logs a worker group that was not placed in time as an unexpected
+    error, with a traceback, although it is routine and retried: nodes the autoscaler is still
+    adding, or an elastic run sized on a view that still counted a node just lost. One line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "WorkerGroupStartupTimeoutError":
+            n = getattr(exc, "num_workers", "?")
+            record.msg = (
+                f"{n} training worker(s) not placed in time (nodes still starting, or a lost node "
+                "still counted): Ray Train decides the worker count again and retries"
+            )
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 _RAY_FILTER = _RayConsoleFilter()
 _RAY_NOTICE_FILTER = _RayNoticeFilter()
+#: Filters on loggers of Ray's that rewrite a record rather than drop it.
+_RAY_REWRITES = {"ray.train.v2._internal.execution.controller.controller": _StartTimeoutLine()}
 
 
 def quiet_libraries() -> None:
@@ -192,6 +212,10 @@ def quiet_ray_worker() -> None:
         logger = logging.getLogger(name)
         if _RAY_NOTICE_FILTER not in logger.filters:
             logger.addFilter(_RAY_NOTICE_FILTER)
+    for name, rewrite in _RAY_REWRITES.items():
+        logger = logging.getLogger(name)
+        if rewrite not in logger.filters:
+            logger.addFilter(rewrite)
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
 
 

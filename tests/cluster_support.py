@@ -146,10 +146,17 @@ def _install_provider_defaults() -> None:
 
 
 def start_fake_cluster(
-    worker_cpus: int, max_workers: int, extra_env: dict[str, str], autoscaler_v2: bool = True
+    worker_cpus: int,
+    max_workers: int,
+    extra_env: dict[str, str],
+    autoscaler_v2: bool = True,
+    fixed_nodes: bool = False,
 ) -> FakeCluster:
     """Autoscaler v2 (as KubeRay runs it) reports its node types to the GCS, so a job can
-    tell what the cluster can grow to."""
+    tell what the cluster can grow to.
+
+    ``fixed_nodes``: no autoscaler; ``max_workers`` worker nodes started by hand (``ray start
+    --address``), as on a cluster at its full size, where a lost node is not replaced."""
     _install_provider_defaults()
     bin_dir = Path(sys.executable).parent
     gcs_port, dash_port = free_port(), free_port()
@@ -180,40 +187,43 @@ def start_fake_cluster(
                 "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
             }
         )
+    if fixed_nodes:  # nodes joined by hand: each is told its address (127.0.0.1) itself
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     env.pop("RAY_ADDRESS", None)
     # Ray Train's placement-group cleaner asks the state API whether a run's controller lives:
     # the cluster's processes must ask this cluster's dashboard (on a real head, the default).
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash_port}"
     config_file = temp_dir / "autoscaler.yaml"
     config_file.write_text(json.dumps(config))
-    subprocess.run(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            f"--autoscaling-config={config_file}",
-            "--num-cpus=0",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash_port}",
-            # Ports of its own: another cluster on this machine may hold the default ones.
+
+    def ray_start(*args: str) -> None:
+        # Ports of its own: another cluster on this machine may hold the default ones.
+        ports = [
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
+        ]
+        common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *ports]
+        cmd = [str(bin_dir / "ray"), "start", *args, *common]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+
+    autoscaling = [] if fixed_nodes else [f"--autoscaling-config={config_file}"]
+    ray_start(
+        "--head",
+        *autoscaling,
+        "--num-cpus=0",
+        f"--port={gcs_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
     )
     api = f"http://127.0.0.1:{dash_port}"
     if not dashboard_up(api):
         stop_fake_cluster(temp_dir)
         pytest.fail(f"the dashboard at {api} did not come up")
+    for _ in range(max_workers if fixed_nodes else 0):
+        ray_start(f"--address=127.0.0.1:{gcs_port}", f"--num-cpus={worker_cpus}")
     return FakeCluster(api, f"127.0.0.1:{gcs_port}", temp_dir, env)
 
 

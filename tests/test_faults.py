@@ -59,6 +59,23 @@ WEIGHTS_REL_TOL = 0.05
 VAL_ACC_TOL = 0.08
 
 
+@pytest.fixture
+def full_cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
+    """Two 1-CPU worker nodes and no autoscaler: a cluster at its full size, where a lost node
+    is not replaced."""
+    c = start_fake_cluster(
+        worker_cpus=1,
+        max_workers=2,
+        extra_env={**S3_ENV, **FAST_HEALTH_CHECK},
+        autoscaler_v2=False,
+        fixed_nodes=True,
+    )
+    try:
+        yield c
+    finally:
+        stop_fake_cluster(c.temp_dir)
+
+
 @pytest.fixture(scope="module")
 def cluster(s3_server: S3Server) -> Iterator[FakeCluster]:  # noqa: F811
     """Room for 4 worker nodes: a trial's two, and two more, since the fake provider may still
@@ -112,6 +129,21 @@ def _wait_for_epoch(cluster: FakeCluster, s3: S3Server, prefix: str, job_id: str
 def _alive(cluster: FakeCluster, class_name: str) -> set[str]:
     """Node ids of the live actors of one class."""
     return {a["node_id"] for a in cluster.actors(class_name) if a["state"] == "ALIVE"}
+
+
+def _placement_in_epoch_1(cluster: FakeCluster) -> tuple[set[str], str]:
+    """The nodes of the (two) training workers and of the trial's driver, read while epoch 1
+    trains, so that a kill can follow epoch 1's checkpoint at once: a warm epoch of these runs
+    takes about a second, less than the state API takes to answer."""
+    deadline = time.time() + 600
+    while len(alive := [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]) < 2:
+        assert time.time() < deadline, f"no two training workers within 600 s: {alive}"
+        time.sleep(0.5)
+    workers = {a["node_id"] for a in alive}
+    drivers = _alive(cluster, "TrainController")
+    assert len(drivers) == 1, drivers
+    assert drivers == _alive(cluster, "ImplicitFunc")  # Ray Train pins its controller to the driver
+    return workers, drivers.pop()
 
 
 def _kill_node(node_id: str) -> None:
@@ -169,6 +201,28 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(torch.cat([(a[k].float() - b[k].float()).flatten() for k in keys]).norm())
 
 
+def test_an_elastic_run_that_loses_a_node_on_a_full_cluster_goes_on_with_fewer_workers(
+    full_cluster: FakeCluster,
+    s3_server: S3Server,  # noqa: F811
+) -> None:
+    """``scaling.num_workers=[1,2]`` and a worker node lost after epoch 1, with no node to
+    replace it: Ray Train restarts the worker group at once with the one worker the node that
+    is left holds, which resumes from the checkpoint and finishes the run."""
+    prefix = "faults/elastic"
+    job_id = _submit(full_cluster, s3_server, prefix, "scaling.num_workers=[1,2]", "data.train_limit=3840")
+    workers, driver = _placement_in_epoch_1(full_cluster)
+    victim = (workers - {driver}).pop()
+    _wait_for_epoch(full_cluster, s3_server, prefix, job_id, 1)
+    _kill_node(victim)
+    run = wait_for_job(full_cluster, job_id)
+    _check_finished(run, s3_server, prefix)
+    assert "resuming from checkpoint after epoch 1 on 1 worker(s)" in run.logs, run.logs[-4000:]
+    # Ray Train's first choice after the loss still counted the lost node; the wait for those
+    # workers' placement ended in one line each, not a traceback.
+    assert "WorkerGroupStartupTimeoutError" not in run.logs, run.logs[-4000:]
+    print(f"\nworker node ...{victim[-5:]} killed in epoch 2, none to replace it: job {run.duration_s:.1f}s")
+
+
 def test_a_worker_node_lost_in_the_second_epoch_resumes_and_matches_an_uninterrupted_run(
     cluster: FakeCluster,
     s3_server: S3Server,  # noqa: F811
@@ -179,11 +233,11 @@ def test_a_worker_node_lost_in_the_second_epoch_resumes_and_matches_an_uninterru
 
     prefix = "faults/worker-node"
     job_id = _submit(cluster, s3_server, prefix)
-    _wait_for_epoch(cluster, s3_server, prefix, job_id, 1)
-    workers, drivers = _alive(cluster, "RayTrainWorker"), _alive(cluster, "TrainController")
-    victims = workers - drivers
+    workers, driver = _placement_in_epoch_1(cluster)
+    victims = workers - {driver}
     assert victims, f"every training worker shares its node with the driver: {workers}"
     victim = sorted(victims)[0]
+    _wait_for_epoch(cluster, s3_server, prefix, job_id, 1)
     _kill_node(victim)
     assert _registered_epoch(s3_server, prefix) == 1  # killed during the second epoch
     run = wait_for_job(cluster, job_id)
@@ -213,26 +267,13 @@ def test_the_node_of_a_trial_driver_lost_the_job_still_succeeds(
     cluster: FakeCluster,
     s3_server: S3Server,  # noqa: F811
 ) -> None:
-    cluster.wait_for_no_worker_nodes(180)  # each run from an empty cluster: run times compare
+    # The nodes of the last test may still be up (a finished Train run's request holds them for
+    # up to 3 minutes): this run's time is compared with none, so it starts on them.
     prefix = "faults/driver-node"
-    # An elastic range: the rerun trial goes on with the workers it can place at once (the node
-    # that is left) rather than wait for the autoscaler's new one.
-    job_id = _submit(cluster, s3_server, prefix, "scaling.num_workers=[1,2]")
-    # The driver's node is found while epoch 1 trains, so that the kill follows its checkpoint
-    # at once: a warm epoch of this run takes about a second, less than the state API's answers.
-    deadline = time.time() + 600
-    while time.time() < deadline and not _alive(cluster, "RayTrainWorker"):
-        time.sleep(0.5)
-    drivers = _alive(cluster, "TrainController")
-    assert len(drivers) == 1, drivers
-    assert drivers == _alive(cluster, "ImplicitFunc")  # Ray Train pins its controller to the driver
-    victim = drivers.pop()
+    job_id = _submit(cluster, s3_server, prefix)
+    _, victim = _placement_in_epoch_1(cluster)
     _wait_for_epoch(cluster, s3_server, prefix, job_id, 1)
     _kill_node(victim)
     run = wait_for_job(cluster, job_id)
     _check_finished(run, s3_server, prefix)
-    resumed = re.findall(r"resuming from checkpoint after epoch 1 on (\d+) worker", run.logs)
-    assert resumed and all(1 <= int(n) <= 2 for n in resumed), run.logs[-4000:]
-    print(
-        f"\ndriver's node ...{victim[-5:]} killed in epoch 2: job {run.duration_s:.1f}s, resumed on {resumed} worker(s)"
-    )
+    print(f"\ndriver's node ...{victim[-5:]} killed in epoch 2: job {run.duration_s:.1f}s")

@@ -85,6 +85,11 @@ def test_sweep_prints_only_project_lines_warnings_and_errors(tmp_path: Path) -> 
     assert other == [], "\n".join(other)
 
 
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a fresh interpreter, as a Ray worker process starts."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
 def test_a_worker_killed_while_it_unpickles_a_dataset_prints_nothing() -> None:
     """A split coordinator created as ``ray job stop`` lands: the half-built Dataset's ``__del__``
     error is dropped by the job's worker setup hook; any other unraisable error still prints."""
@@ -102,7 +107,7 @@ def test_a_worker_killed_while_it_unpickles_a_dataset_prints_nothing() -> None:
         "other = Other()\n"
         "del other\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _python(script)
     assert done.returncode == 0, done.stderr
     assert "Dataset.__del__" not in done.stderr
     assert "_current_executor" not in done.stderr
@@ -126,7 +131,34 @@ def test_a_worker_told_to_exit_inside_a_finalizer_exits_quietly() -> None:
         "gc.collect()\n"
         "print('still running')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _python(script)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "still running" not in done.stdout
     assert not TEARDOWN.search(done.stderr), done.stderr
+
+
+def test_a_worker_group_not_placed_in_time_is_one_warning_line() -> None:
+    """Ray Train's controller logs its routine, retried placement timeout as an unexpected
+    error with a traceback; in the job's processes it is one warning line. Other errors of the
+    controller keep their traceback."""
+    script = (
+        "import logging\n"
+        "from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError\n"
+        "from rayvit.logs import setup_ray_worker\n"
+        "setup_ray_worker()\n"
+        "log = logging.getLogger('ray.train.v2._internal.execution.controller.controller')\n"
+        "for exc in (WorkerGroupStartupTimeoutError(num_workers=2), ValueError('other')):\n"
+        "    try:\n"
+        "        raise exc\n"
+        "    except Exception as e:\n"
+        "        log.exception('Error in control loop iteration: %s', e)\n"
+    )
+    done = _python(script)
+    assert done.returncode == 0, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert "WARNING" in first and first.endswith(
+        "2 training worker(s) not placed in time (nodes still starting, or a lost node still "
+        "counted): Ray Train decides the worker count again and retries"
+    ), done.stderr
+    assert "WorkerGroupStartupTimeoutError" not in done.stderr
+    assert done.stderr.count("Traceback") == 1 and "ValueError: other" in done.stderr

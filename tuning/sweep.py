@@ -141,9 +141,7 @@ def _train_driver(config: dict[str, Any], job: Job) -> None:
     quiet_libraries()
     trial_id = tune.get_context().get_trial_id()
     try:
-        job.trainer(
-            dict(config), trial_id, callbacks=[TuneReportCallback()], fixed_world=is_sweep(job.cfg)
-        ).fit()
+        job.fit(dict(config), trial_id, callbacks=[TuneReportCallback()], fixed_world=is_sweep(job.cfg))
     except RayActorError:
         raise  # the controller's process or node is gone: Tune reruns the trial, which resumes
     except Exception as exc:
