@@ -214,7 +214,11 @@ def test_an_elastic_run_that_loses_a_node_on_a_full_cluster_goes_on_with_fewer_w
     replace it: Ray Train restarts the worker group at once with the one worker the node that
     is left holds, which resumes from the checkpoint and finishes the run."""
     prefix = "faults/elastic"
-    job_id = _submit(full_cluster, s3_server, prefix, "scaling.num_workers=[1,2]")
+    # Room beside each worker for Ray Data's decode tasks: the lost node's blocks are rebuilt by
+    # rerunning their tasks, and no autoscaler adds a node for them (with 0.99 CPU a worker the
+    # resumed run waited for its data forever).
+    room = ["scaling.cpus_per_worker=0.9", "data.decode_cpus=0.05"]
+    job_id = _submit(full_cluster, s3_server, prefix, "scaling.num_workers=[1,2]", *room)
     workers, driver = _placement_in_epoch_1(full_cluster)
     victim = (workers - {driver}).pop()
     _wait_for_epoch(full_cluster, s3_server, prefix, job_id, 1)
