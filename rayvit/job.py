@@ -21,6 +21,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+# Ray Train's setting, read from the environment of the process that fits a trainer: how long its
+# controller waits for the workers' placement group before it gives up and decides again.
+from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR as START_TIMEOUT_ENV
+
 from rayvit.checkpoint import CONFIG_FILE
 from rayvit.cluster import Placement, init_ray, resolve_placement
 from rayvit.config import Config, with_overrides
@@ -38,9 +42,6 @@ TRIALS_DIR = "trials"
 SWEEP_DIR = "sweep"
 """Tune's experiment state (what a rerun resumes from)."""
 JOB_FILE = "job.json"
-#: Ray Train's setting, read from the environment of the process that fits a trainer: how long
-#: its controller waits for the workers' placement group before it gives up and decides again.
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 #: That wait for an elastic run. Ray's default (60 s) suits a fixed worker count that waits for
 #: nodes the autoscaler is adding. An elastic run sizes itself from the nodes that are up and
 #: waits only when that view was stale: a node lost a moment ago still counted (the GCS needs a

@@ -138,8 +138,8 @@ def _alive(cluster: FakeCluster, class_name: str) -> set[str]:
 
 def _placement_in_epoch_1(cluster: FakeCluster) -> tuple[set[str], str]:
     """The nodes of the (two) training workers and of the trial's driver, read while epoch 1
-    trains, so that a kill can follow epoch 1's checkpoint at once: a warm epoch of these runs
-    takes about a second, less than the state API takes to answer."""
+    trains, so that a kill can follow epoch 1's checkpoint at once: the state API's answers take
+    a good part of an epoch."""
     deadline = time.time() + 600
     while len(alive := [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]) < 2:
         assert time.time() < deadline, f"no two training workers within 600 s: {alive}"
@@ -285,4 +285,5 @@ def test_the_node_of_a_trial_driver_lost_the_job_still_succeeds(
     _kill_node(victim)
     run = wait_for_job(cluster, job_id)
     _check_finished(run, s3_server, prefix)
+    assert "resuming from checkpoint after epoch 1 on 2 worker(s)" in run.logs, run.logs[-4000:]
     print(f"\ndriver's node ...{victim[-5:]} killed in epoch 2: job {run.duration_s:.1f}s")
