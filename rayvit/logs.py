@@ -35,9 +35,6 @@ _RAY_NOTICES = (
 # logger to filter): Ray Train's preemption watcher is an actor with max_restarts=-1 whose
 # arguments are worker handles, which Ray warns about for every worker group it starts.
 _RAY_STREAM_NOTICES = ("Actor with class name: 'PreemptionWatcher'",)
-#: Loggers whose records are filtered where they are made: they run in processes of Ray's
-#: whose console handlers the job never configures (the cleaner is a detached actor).
-_RAY_NOTICE_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 #: Ray's ``worker_process_setup_hook`` for the job's cluster (``rayvit.cluster.init_ray``).
 WORKER_SETUP_HOOK = "rayvit.logs.setup_ray_worker"
 
@@ -74,10 +71,27 @@ class _StartTimeoutLine(logging.Filter):
         return True
 
 
+class _PrefetcherAtExit(logging.Filter):
+    """Ray Data's block prefetcher (a thread of every worker that iterates a dataset) logs an
+    error with a traceback when its ``ray.wait`` finds the connection to the raylet closed: the
+    worker is being stopped (a trial ASHA ended, a finished run's workers released) while the
+    thread waits. Nothing is lost then; any other error of the thread still prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        closed = isinstance(exc, OSError) and "Failed to read data from the socket" in str(exc)
+        return not (closed and record.getMessage() == "Error in prefetcher thread.")
+
+
 _RAY_FILTER = _RayConsoleFilter()
-_RAY_NOTICE_FILTER = _RayNoticeFilter()
-#: Filters on loggers of Ray's that rewrite a record rather than drop it.
-_RAY_REWRITES = {"ray.train.v2._internal.execution.controller.controller": _StartTimeoutLine()}
+#: Filters on loggers of Ray's, applied where the records are made: in processes of Ray's whose
+#: console handlers the job never configures (the placement-group cleaner is a detached actor,
+#: the prefetcher a thread of each worker), and to rewrite a record rather than drop it.
+_RAY_LOGGER_FILTERS: dict[str, logging.Filter] = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": _RayNoticeFilter(),
+    "ray.train.v2._internal.execution.controller.controller": _StartTimeoutLine(),
+    "ray.data._internal.block_batching.util": _PrefetcherAtExit(),
+}
 
 
 def quiet_libraries() -> None:
@@ -208,14 +222,10 @@ def quiet_ray_worker() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and _RAY_FILTER not in handler.filters:
             handler.addFilter(_RAY_FILTER)
-    for name in _RAY_NOTICE_LOGGERS:
+    for name, log_filter in _RAY_LOGGER_FILTERS.items():
         logger = logging.getLogger(name)
-        if _RAY_NOTICE_FILTER not in logger.filters:
-            logger.addFilter(_RAY_NOTICE_FILTER)
-    for name, rewrite in _RAY_REWRITES.items():
-        logger = logging.getLogger(name)
-        if rewrite not in logger.filters:
-            logger.addFilter(rewrite)
+        if log_filter not in logger.filters:
+            logger.addFilter(log_filter)
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
 
 

@@ -1,12 +1,14 @@
 """Helpers every kind of test shares: one copy each, so a fix reaches every test that uses it.
 
-Ports on 127.0.0.1, the CIFAR-10 copy, multipart bodies, and killing a group of processes.
+Ports on 127.0.0.1, the CIFAR-10 copy, multipart bodies, killing a group of processes, and what
+a job's output may hold.
 Fixtures live in ``conftest.py`` (training) and ``serve_support.py`` (serving).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -147,3 +149,57 @@ def untrained_model_folder(dest: Path, image_size: int = 32) -> Path:
     save_model_folder(build_model(cfg.model, CIFAR10_CLASSES), build_preprocessor(cfg.model), dest)
     write_json(dest / "metrics.json", {"name": dest.name})
     return dest
+
+
+# Lines seen before rayvit.logs silenced them (Ray, Tune, HF hub, wandb's teardown).
+CHATTER = [
+    "Reporting training result",  # Ray Train V2, once per report on every worker
+    "Fatal Python error",  # wandb's service teardown at a Ray worker's exit
+    "Traceback",
+    "Configuration for experiment",  # Tune's banner
+    "View detailed results here",
+    "To visualize your results with TensorBoard",
+    "Wrote the latest version of all result files",
+    "Started a local Ray instance",
+    "Token authentication is enabled for this Ray cluster",
+    "Repo card metadata block was not found",
+    "wandb:",
+]
+
+# The project's own lines.
+PROJECT = [
+    r"data: \d+ train / \d+ val images( at \d+px)?, 10 classes from .*",
+    r"sweep over \S+ .*, \d+ worker\(s\) per trial \(global batch \d+\), up to \d+ trial\(s\) at once",
+    r"(\(RayTrainWorker pid=\d+\) )?epoch [\d.]+/\d+  train_loss .*",
+    r"trial +train\.lr +epochs +best val_accuracy +early stop +status",
+    r"\w+_\d{5} +[\d.e-]+ +[\d.]+ +[\d.]+ +(True|False) +\w+( \*)?",
+    r"exported: .*  test_accuracy [\d.]+  val_accuracy [\d.]+",
+]
+# Warnings and errors pass: Python's "WARNING"/"ERROR", Ray's C++ " W "/" E " lines.
+WARNING_OR_ERROR = re.compile(r"\b(WARNING|ERROR|warning|error)\b|\[\d{4}-\d\d-\d\d [\d:,]+ [WE] \d+ \d+\]")
+# What a process killed during its own exit prints (Ray's SIGTERM handler raising SystemExit
+# in a finalizer), and Ray's two notices that every run used to carry.
+TEARDOWN = re.compile(r"Traceback|Exception ignored|SystemExit")
+RAY_NOTICES = ["PreemptionWatcher", "Detected that the Ray Train controller actor"]
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without the colour codes Ray puts around a worker's prefix."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def assert_only_project_output(log: str) -> None:
+    """A job's output holds the project's lines, warnings and errors, and nothing else: no library
+    chatter, no Ray notice, no teardown traceback."""
+    log = strip_ansi(log)
+    for line in CHATTER + RAY_NOTICES:
+        assert line not in log, f"library chatter in the job's output: {line!r}"
+    assert not TEARDOWN.search(log), log[-3000:]
+    other = [
+        ln
+        for ln in log.splitlines()
+        if ln.strip()
+        and not any(re.fullmatch(p, ln.strip()) for p in PROJECT)
+        and not WARNING_OR_ERROR.search(ln)
+    ]
+    assert other == [], "\n".join(other)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import TINY, require_data, run_train_cli, tiny_config
+from support import assert_only_project_output
 
 import tuning.sweep as sweep
 from rayvit.config import load_config
@@ -208,7 +209,8 @@ def test_every_trial_failing_is_one_clear_error(ray_cluster: None, tmp_path: Pat
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> None:
     """Through the CLI, on a cluster of its own: a stopped trial's resources are released by Ray
-    Train's placement-group cleaner, which needs the dashboard the job's local cluster has."""
+    Train's placement-group cleaner, which needs the dashboard the job's local cluster has. The
+    sweep's output, the stopped trial's workers included, is the project's lines only."""
     require_data()
     out = tmp_path / "run"
     args = [
@@ -223,6 +225,9 @@ def test_asha_stops_a_weak_trial_at_a_mid_epoch_validation(tmp_path: Path) -> No
     ]
     run = run_train_cli(args, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
+    log = run.stdout + run.stderr
+    assert_only_project_output(log)
+    assert "epoch 0.5/2  train_loss" in log and "exported: " in log
     rows = {float(r["train.lr"]): r for r in _rows(out / "sweep.csv")}
     assert rows[50.0]["epochs_completed"] == "0.5" and rows[50.0]["stopped_early"] == "True"
     assert rows[1e-3]["epochs_completed"] == "2" and rows[1e-3]["best"] == "True"
