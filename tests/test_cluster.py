@@ -64,12 +64,56 @@ def _submit_and_wait(
     return job_id, run.logs
 
 
+def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
+    fake_cluster: FakeCluster,
+    s3_server: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``ray_jobs/predict.py`` through the job API: model and images in the bucket, the model
+    actors on worker nodes the autoscaler starts, the predictions back in the bucket; then the
+    idle nodes are removed again, within seconds.
+
+    This module's first job: after a training job the nodes stay until Ray Train's resource
+    request with the autoscaler expires (up to 180 s, Ray's constant; measured 131-147 s)."""
+    bucket = Storage.from_setting(f"s3://{s3_server.bucket}/batch", s3_server.endpoint)
+    bucket.upload_dir(untrained_model_folder(tmp_path / "model"), "model")
+    write_cifar_imagefolder(tmp_path / "in", "test", 60)
+    (tmp_path / "in" / "test" / "cat" / "truncated.png").write_bytes(bad_image_files()["truncated.png"])
+    bucket.upload_dir(tmp_path / "in", "in", last=None)
+    entrypoint = " ".join(
+        [
+            f"python {ROOT / 'ray_jobs' / 'predict.py'}",
+            f"--model-dir {bucket.uri('model')} --input {bucket.uri('in')} --output {bucket.uri('out')}",
+            f"endpoint_url={s3_server.endpoint} cache_dir={tmp_path / 'cache'}",
+            "'concurrency=[1,1]' actor_cpus=0.5 decode_cpus=0.5",
+        ]
+    )
+    run = wait_for_job(fake_cluster, submit_job(fake_cluster, entrypoint), timeout=600)
+    assert run.status == "SUCCEEDED", run.logs[-4000:]
+    assert "done: 61 images" in run.logs and "1 errors" in run.logs, run.logs[-2000:]
+    summary = json.loads(s3_server.get("batch/out/summary.json"))
+    assert summary["rows"] == 61 and summary["errors"] == 1 and "accuracy" in summary
+    assert any(k.startswith("batch/out/predictions/part-") for k in s3_server.keys("batch/out/"))
+    (head,) = [n["node_id"] for n in fake_cluster.nodes() if n["is_head_node"]]
+    actors = fake_cluster.actors("MapWorker(MapBatches(PredictBatch))")
+    assert actors and head not in {a["node_id"] for a in actors}, actors
+    print(
+        f"\nbatch prediction on the fake cluster: {run.duration_s:.0f}s, {summary['images_per_s']} images/s"
+    )
+
+    # Idle worker nodes are removed again (the autoscaler's idle timeout is 6 s here).
+    t0 = time.time()
+    alive = fake_cluster.wait_for_no_worker_nodes(60)
+    assert not alive, f"worker nodes still up: {[n['node_id'][-5:] for n in alive]}"
+    print(f"worker nodes removed {time.time() - t0:.0f}s after the last job")
+
+
 def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
     fake_cluster: FakeCluster,
     s3_server: S3Server,  # noqa: F811
 ) -> None:
     head = [n for n in fake_cluster.nodes() if n["is_head_node"]]
-    assert len(head) == 1 and not [n for n in fake_cluster.nodes() if not n["is_head_node"]]
+    assert len(head) == 1 and not fake_cluster.worker_nodes_alive()  # (the last test's are gone)
     head_id = head[0]["node_id"]
 
     # The trials' worker groups seen training at once: placement group -> its live workers' nodes.
@@ -88,7 +132,7 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
     assert "2 worker(s) per trial (global batch 64), up to 2 trial(s) at once" in logs, logs[-3000:]
 
     # The autoscaler launched worker nodes, and every trainer ran on them.
-    workers = [n for n in fake_cluster.nodes() if not n["is_head_node"]]
+    workers = fake_cluster.worker_nodes_alive()
     assert workers, "the autoscaler launched no worker node"
     trainers = fake_cluster.actors("RayTrainWorker")
     assert len(trainers) >= 4  # 2 trials x 2 workers
@@ -127,51 +171,6 @@ def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(
     assert "already finished: s3://" in again
     assert "epoch 1/1" not in again
     assert json.loads(s3_server.get(f"{BUCKET_PREFIX}/best/metrics.json")) == metrics
-
-
-def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
-    fake_cluster: FakeCluster,
-    s3_server: S3Server,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    """``ray_jobs/predict.py`` through the job API: model and images in the bucket, the model
-    actors on worker nodes the autoscaler starts, the predictions back in the bucket; then the
-    idle nodes (this module's jobs') are removed again.
-
-    Checked after this module's last job rather than after each: a finished Ray Train run's
-    resource request stays with the autoscaler until it expires (180 s, Ray's constant), and
-    keeps a node that long; one wait covers them all."""
-    bucket = Storage.from_setting(f"s3://{s3_server.bucket}/batch", s3_server.endpoint)
-    bucket.upload_dir(untrained_model_folder(tmp_path / "model"), "model")
-    write_cifar_imagefolder(tmp_path / "in", "test", 60)
-    (tmp_path / "in" / "test" / "cat" / "truncated.png").write_bytes(bad_image_files()["truncated.png"])
-    bucket.upload_dir(tmp_path / "in", "in", last=None)
-    entrypoint = " ".join(
-        [
-            f"python {ROOT / 'ray_jobs' / 'predict.py'}",
-            f"--model-dir {bucket.uri('model')} --input {bucket.uri('in')} --output {bucket.uri('out')}",
-            f"endpoint_url={s3_server.endpoint} cache_dir={tmp_path / 'cache'}",
-            "'concurrency=[1,1]' actor_cpus=0.5 decode_cpus=0.5",
-        ]
-    )
-    run = wait_for_job(fake_cluster, submit_job(fake_cluster, entrypoint), timeout=600)
-    assert run.status == "SUCCEEDED", run.logs[-4000:]
-    assert "done: 61 images" in run.logs and "1 errors" in run.logs, run.logs[-2000:]
-    summary = json.loads(s3_server.get("batch/out/summary.json"))
-    assert summary["rows"] == 61 and summary["errors"] == 1 and "accuracy" in summary
-    assert any(k.startswith("batch/out/predictions/part-") for k in s3_server.keys("batch/out/"))
-    (head,) = [n["node_id"] for n in fake_cluster.nodes() if n["is_head_node"]]
-    actors = fake_cluster.actors("MapWorker(MapBatches(PredictBatch))")
-    assert actors and head not in {a["node_id"] for a in actors}, actors
-    print(
-        f"\nbatch prediction on the fake cluster: {run.duration_s:.0f}s, {summary['images_per_s']} images/s"
-    )
-
-    # Idle worker nodes are removed again (the autoscaler's idle timeout is 6 s here).
-    t0 = time.time()
-    alive = fake_cluster.wait_for_no_worker_nodes(300)
-    assert not alive, f"worker nodes still up: {[n['node_id'][-5:] for n in alive]}"
-    print(f"worker nodes removed {time.time() - t0:.0f}s after the last job")
 
 
 def test_unreachable_storage_fails_fast_naming_output_dir(tmp_path: Path) -> None:
