@@ -15,7 +15,12 @@ last checkpoint complete in the bucket (weights and training state).
 Each mode runs ``--rounds`` times, alternating, and keeps its best round (a shared machine's slow
 minute does not decide the ratio).
 
-Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4] [--rounds 2]``.
+The S3 server and the proxy stand in for a bucket on other machines: they run in a process of their
+own, confined to one core (``--server-cpu``, the last one by default; ``-1``: anywhere), so that
+the ratio is the training job's own cost of uploading, not a server's CPU taken from the step.
+
+Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4] [--rounds 2]
+[--server-cpu N]``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import argparse
 import contextlib
 import itertools
 import json
+import logging
+import multiprocessing
 import os
 import socket
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +96,25 @@ class SlowProxy:
         time.sleep(max(0.0, self._next - time.monotonic()))
 
 
+def bucket_server(conn: Connection, rate: float, cpu: int) -> None:
+    """The S3 server (moto) with the bucket, behind a ``SlowProxy``, in this process, confined to
+    core ``cpu``; sends the proxy's port, serves until told to stop."""
+    if cpu >= 0 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    moto_port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
+    proxy = SlowProxy(moto_port, rate)
+    conn.send(proxy.port)
+    conn.recv()
+    server.stop()
+
+
 def epoch_times(storage: Storage) -> list[float]:
     """Per-epoch seconds (epochs 2..E) from the checkpoints' ``elapsed_s``; every epoch's
     checkpoint is read from the run's trial folder (all are kept)."""
@@ -127,19 +154,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--images", type=int, default=1600, help="training images an epoch")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating; the best counts")
+    ap.add_argument(
+        "--server-cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1,
+        help="the one core of the S3 server and the proxy (-1: not confined)",
+    )
     args = ap.parse_args()
-    from moto.server import ThreadedMotoServer
-
     for key, value in CREDENTIALS.items():
         os.environ.setdefault(key, value)
-    moto_port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    server = ctx.Process(
+        target=bucket_server, args=(there, args.mb_per_s * 1e6, args.server_cpu), daemon=True
+    )
     server.start()
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
-    proxy = SlowProxy(moto_port, args.mb_per_s * 1e6)
-    endpoint = f"http://127.0.0.1:{proxy.port}"
+    endpoint = f"http://127.0.0.1:{here.recv()}"
     init_ray(RayConfig(num_cpus=2))
     base = [
         f"data.path={args.data}",
@@ -182,9 +212,11 @@ def main() -> None:
             }
             if mode not in results or r["mean_epoch_s"] < results[mode]["mean_epoch_s"]:
                 results[mode] = r
-    server.stop()
+    here.send("stop")
+    server.join(timeout=30)
+    pinned = f"on core {args.server_cpu}" if args.server_cpu >= 0 else "on any core"
     print(
-        f"checkpoint upload through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} "
+        f"checkpoint upload (S3 server and proxy {pinned}) through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} "
         f"images, best of {args.rounds} alternating rounds:"
     )
     for mode, r in results.items():
