@@ -105,7 +105,7 @@ def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
     t0 = time.time()
     alive = fake_cluster.wait_for_no_worker_nodes(60)
     assert not alive, f"worker nodes still up: {[n['node_id'][-5:] for n in alive]}"
-    print(f"worker nodes removed {time.time() - t0:.0f}s after the last job")
+    print(f"worker nodes removed {time.time() - t0:.0f}s after the job")
 
 
 def test_job_on_autoscaling_cluster_writes_to_bucket_and_resumes(

@@ -35,12 +35,12 @@ from support import kill_processes
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
-#: One run (no sweep), 2 epochs of 1280 images (a node is lost in the second, the last), of a model 4 times as wide as the tiny one
-#: (0.3 M parameters): an epoch takes seconds, longer than Ray Train takes to register a
-#: checkpoint in the bucket (with the tiny model, epochs of a second outran the registration, and
-#: a kill meant for epoch 2 landed after epoch 3). 0.99 CPU a worker: a 1-CPU node holds one
-#: worker and, beside one of them, the trial's driver (0.01), so each node holds a worker and
-#: exactly one of them the driver too.
+#: One run (no sweep), 2 epochs of 1280 images (a node is lost in the second, the last), of a
+#: model 4 times as wide as the tiny one (0.3 M parameters): an epoch takes seconds, longer than
+#: Ray Train takes to register a checkpoint in the bucket (with the tiny model, epochs of a second
+#: outran the registration, and a kill meant for epoch 2 landed after epoch 3). 0.99 CPU a worker:
+#: a 1-CPU node holds one worker and, beside one of them, the trial's driver (0.01), so each node
+#: holds a worker and exactly one of them the driver too.
 RUN = [
     *(o for o in TINY if not o.startswith("ray.")),
     "model.arch.hidden_size=128",
