@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -35,6 +36,12 @@ _RAY_NOTICES = (
 # logger to filter): Ray Train's preemption watcher is an actor with max_restarts=-1 whose
 # arguments are worker handles, which Ray warns about for every worker group it starts.
 _RAY_STREAM_NOTICES = ("Actor with class name: 'PreemptionWatcher'",)
+# Ray stops a worker with SIGTERM (a trial's end releases the workers it leased, some of them
+# still starting up) and Ray's C++ failure-signal handler, which owns SIGTERM until the worker's
+# task loop takes it over, dumps a stack trace for it: a header line, then one line a frame,
+# each also repeated through Ray's logger (``[time E pid tid] logging.cc:474: ...``).
+_SIGTERM_DUMP = re.compile(r"\*\*\* SIGTERM received at time=\d+")
+_DUMP_FRAME = re.compile(r"^(?:\[[^\]]*\] \S+\.cc:\d+: )?(?:PC: )?\s*@ ")
 #: Ray's ``worker_process_setup_hook`` for the job's cluster (``rayvit.cluster.init_ray``).
 WORKER_SETUP_HOOK = "rayvit.logs.setup_ray_worker"
 
@@ -182,12 +189,14 @@ def _on_unraisable(unraisable: Any) -> None:
 
 
 def filter_worker_output() -> None:
-    """Drop Ray's C++ notices from the worker output that the driver prints.
+    """Drop Ray's C++ notices, and the stack dump of a worker that Ray stopped with SIGTERM, from
+    the worker output that the driver prints.
 
     Ray streams each worker's stdout and stderr to the driver, which prints them through
     handlers of ``ray._private.ray_logging.global_worker_stdstream_dispatcher`` (``ray.init``
     adds the one named ``ray_print_logs``). Lines that Ray's C++ core writes there pass no
-    Python logger, so this wraps that handler. Call after ``ray.init``.
+    Python logger, so this wraps that handler. The dump of a SIGTERM stays in the worker's log
+    file; a crash's (SIGSEGV, SIGABRT, ...) still prints. Call after ``ray.init``.
     """
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -199,8 +208,21 @@ def filter_worker_output() -> None:
 
 
 def _without_notices(handler: Any) -> Any:
+    dumping: set[tuple[Any, Any]] = set()  # (ip, pid) of the workers whose SIGTERM dump runs on
+
+    def keep(source: tuple[Any, Any], line: str) -> bool:
+        if _SIGTERM_DUMP.search(line):
+            dumping.add(source)
+            return False
+        if source in dumping:
+            if _DUMP_FRAME.match(line):
+                return False
+            dumping.discard(source)
+        return not any(n in line for n in _RAY_STREAM_NOTICES)
+
     def emit(data: dict[str, Any]) -> None:
-        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAY_STREAM_NOTICES)]
+        source = (data.get("ip"), data.get("pid"))
+        lines = [ln for ln in data.get("lines", []) if keep(source, ln)]
         if lines or not data.get("lines"):
             handler({**data, "lines": lines})
 

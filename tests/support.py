@@ -178,8 +178,9 @@ PROJECT = [
 # Warnings and errors pass: Python's "WARNING"/"ERROR", Ray's C++ " W "/" E " lines.
 WARNING_OR_ERROR = re.compile(r"\b(WARNING|ERROR|warning|error)\b|\[\d{4}-\d\d-\d\d [\d:,]+ [WE] \d+ \d+\]")
 # What a process killed during its own exit prints (Ray's SIGTERM handler raising SystemExit
-# in a finalizer), and Ray's two notices that every run used to carry.
-TEARDOWN = re.compile(r"Traceback|Exception ignored|SystemExit")
+# in a finalizer; Ray's C++ stack dump of a worker stopped while it started), and Ray's two
+# notices that every run used to carry.
+TEARDOWN = re.compile(r"Traceback|Exception ignored|SystemExit|SIGTERM received")
 RAY_NOTICES = ["PreemptionWatcher", "Detected that the Ray Train controller actor"]
 
 

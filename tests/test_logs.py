@@ -120,3 +120,47 @@ def test_a_worker_group_not_placed_in_time_is_one_warning_line() -> None:
     ), done.stderr
     assert "WorkerGroupStartupTimeoutError" not in done.stderr
     assert done.stderr.count("Traceback") == 1 and "ValueError: other" in done.stderr
+
+
+#: A worker's output as Ray's log monitor sent it to a quick-start sweep's driver: a worker
+#: still starting up when Ray stopped it (its owner, a finished trial's worker, had exited).
+SIGTERM_DUMP = [
+    "*** SIGTERM received at time=1796130958 on cpu 0 ***",
+    "PC: @     0x7fc0b057c2a3  (unknown)  func_traverse",
+    "    @     0x7fc0b025a050  175887152  (unknown)",
+    "    @ 0x8948555374400000  (unknown)  (unknown)",
+    "[2026-12-01 13:15:58,432 E 9484 9484] logging.cc:474: *** SIGTERM received at time=1796130958 on cpu 0 ***",
+    "[2026-12-01 13:15:58,432 E 9484 9484] logging.cc:474: PC: @     0x7fc0b057c2a3  (unknown)  func_traverse",
+    "[2026-12-01 13:15:58,434 E 9484 9484] logging.cc:474:     @     0x7fc0b025a050  175887152  (unknown)",
+    "[2026-12-01 13:15:58,437 E 9484 9484] logging.cc:474:     @ 0x8948555374400000  (unknown)  (unknown)",
+]
+
+
+def test_the_driver_drops_the_stack_dump_of_a_worker_ray_stopped_but_not_a_crash() -> None:
+    """Ray stops workers with SIGTERM and its C++ signal handler dumps a stack for it, which the
+    driver printed among the job's lines (seen after a quick-start sweep's table). The driver's
+    worker-output handler drops that dump, however Ray batches its lines, and Ray's notices; a
+    crash's dump and the worker's own lines still print."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from rayvit.logs import filter_worker_output
+
+    printed: list[str] = []
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.extend(data["lines"]))
+    try:
+        filter_worker_output()
+        filter_worker_output()  # once wrapped is enough: ray.init may run it again
+        segv = [ln.replace("SIGTERM", "SIGSEGV") for ln in SIGTERM_DUMP]
+        notice = "Actor with class name: 'PreemptionWatcher' has constructor arguments in the object store"
+        batches = [
+            (1, SIGTERM_DUMP[:3]),
+            (2, ["epoch 1/3  train_loss 2.1"]),
+            (1, SIGTERM_DUMP[3:]),
+            (1, ["a line of the worker's own", notice]),
+            (3, segv),
+        ]
+        for pid, lines in batches:
+            dispatcher.emit({"ip": "127.0.0.1", "pid": pid, "lines": lines, "is_err": True})
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    assert printed == ["epoch 1/3  train_loss 2.1", "a line of the worker's own", *segv]
