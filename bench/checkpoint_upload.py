@@ -16,11 +16,13 @@ Each mode runs ``--rounds`` times, alternating, and keeps its best round (a shar
 minute does not decide the ratio).
 
 The S3 server and the proxy stand in for a bucket on other machines: they run in a process of their
-own, confined to one core (``--server-cpu``, the last one by default; ``-1``: anywhere), so that
-the ratio is the training job's own cost of uploading, not a server's CPU taken from the step.
+own, confined to one core (``--server-cpu``, the last one by default; ``-1``: anywhere) at the
+lowest CPU priority (``--server-nice``, 19 by default; 0: the job's), so that the ratio is the
+training job's own cost of uploading, not a server's CPU taken from the step. The CPU seconds the
+server used in each mode are printed beside its times.
 
 Run: ``python bench/checkpoint_upload.py [--data DIR] [--mb-per-s 4] [--epochs 4] [--rounds 2]
-[--server-cpu N]``.
+[--server-cpu N] [--server-nice N]``.
 """
 
 from __future__ import annotations
@@ -96,11 +98,13 @@ class SlowProxy:
         time.sleep(max(0.0, self._next - time.monotonic()))
 
 
-def bucket_server(conn: Connection, rate: float, cpu: int) -> None:
+def bucket_server(conn: Connection, rate: float, cpu: int, nice: int) -> None:
     """The S3 server (moto) with the bucket, behind a ``SlowProxy``, in this process, confined to
-    core ``cpu``; sends the proxy's port, serves until told to stop."""
+    core ``cpu`` at niceness ``nice``; sends the proxy's port, then its CPU seconds when asked,
+    serves until told to stop."""
     if cpu >= 0 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
+    os.nice(nice)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     import boto3
     from moto.server import ThreadedMotoServer
@@ -111,7 +115,8 @@ def bucket_server(conn: Connection, rate: float, cpu: int) -> None:
     boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}").create_bucket(Bucket=BUCKET)
     proxy = SlowProxy(moto_port, rate)
     conn.send(proxy.port)
-    conn.recv()
+    while conn.recv() == "cpu":  # the CPU seconds of this process (all its threads) so far
+        conn.send(time.process_time())
     server.stop()
 
 
@@ -160,15 +165,24 @@ def main() -> None:
         default=max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1,
         help="the one core of the S3 server and the proxy (-1: not confined)",
     )
+    ap.add_argument("--server-nice", type=int, default=19, help="the S3 server's niceness (0: the job's)")
     args = ap.parse_args()
     for key, value in CREDENTIALS.items():
         os.environ.setdefault(key, value)
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     server = ctx.Process(
-        target=bucket_server, args=(there, args.mb_per_s * 1e6, args.server_cpu), daemon=True
+        target=bucket_server,
+        args=(there, args.mb_per_s * 1e6, args.server_cpu, args.server_nice),
+        daemon=True,
     )
     server.start()
+
+    def server_cpu() -> float:
+        here.send("cpu")
+        seconds: float = here.recv()
+        return seconds
+
     endpoint = f"http://127.0.0.1:{here.recv()}"
     init_ray(RayConfig(num_cpus=2))
     base = [
@@ -200,8 +214,9 @@ def main() -> None:
             cfg = load_config(
                 ROOT / "configs" / "quick.yaml", [*base, *where, f"train.checkpoint_upload={upload}"]
             )
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), server_cpu()
             run_job(cfg)
+            server_cpu_s = server_cpu() - cpu0
             storage = Storage.from_setting(cfg.output_dir, cfg.storage.endpoint_url)
             times = epoch_times(storage)
             r = {
@@ -209,12 +224,14 @@ def main() -> None:
                 "mean_epoch_s": sum(times) / max(1, len(times)),
                 "complete": complete(storage),
                 "job_s": time.perf_counter() - t0,
+                "server_cpu_s": server_cpu_s,
             }
             if mode not in results or r["mean_epoch_s"] < results[mode]["mean_epoch_s"]:
                 results[mode] = r
     here.send("stop")
     server.join(timeout=30)
     pinned = f"on core {args.server_cpu}" if args.server_cpu >= 0 else "on any core"
+    pinned += f", nice {args.server_nice}"
     print(
         f"checkpoint upload (S3 server and proxy {pinned}) through a {args.mb_per_s:g} MB/s proxy, {args.epochs} epochs of {args.images} "
         f"images, best of {args.rounds} alternating rounds:"
@@ -222,7 +239,8 @@ def main() -> None:
     for mode, r in results.items():
         print(
             f"  {mode:<6}: {r['mean_epoch_s']:6.2f} s/epoch (epochs 2..: {', '.join(f'{t:.2f}' for t in r['epoch_s'])}), "
-            f"last checkpoint complete: {r['complete']}, whole job {r['job_s']:.0f} s"
+            f"last checkpoint complete: {r['complete']}, whole job {r['job_s']:.0f} s, "
+            f"S3 server CPU {r['server_cpu_s']:.1f} s"
         )
     ratio = results["async"]["mean_epoch_s"] / results["local"]["mean_epoch_s"]
     print(
