@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA_DIR, ROOT, TINY, require_data, run_train_cli, tiny_config, train_cli_argv
-from support import in_session, kill_processes
+from support import TEARDOWN, in_session, kill_processes
 
 from rayvit.checkpoint import check_model_folder
 from rayvit.config import DataConfig, load_config
@@ -251,10 +251,7 @@ def test_interrupted_run_resumes_on_rerun(tmp_path: Path) -> None:
     noise = [
         ln
         for ln in log.splitlines()
-        if re.search(
-            r"Traceback|Exception ignored|SystemExit|SIGTERM received|interrupted \(|been interrupted", ln
-        )
-        or "Stop signal" in ln
+        if TEARDOWN.search(ln) or re.search(r"interrupted \(|been interrupted|Stop signal", ln)
     ]
     assert len(noise) == 1, "\n".join(noise)
     assert not (run_dir / "best").exists()
