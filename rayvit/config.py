@@ -202,7 +202,8 @@ class TrainConfig(_Section):
     them a step never waits for the device."""
     checkpoint_upload: Literal["async", "sync"] = "async"
     """How rank 0's checkpoint reaches ``output_dir``: async = Ray Train uploads it in the
-    background while the next epoch trains; sync = every rank waits for the upload."""
+    background while the next epoch trains (a mid-epoch report waits for it in the background
+    too); sync = every rank waits for the upload."""
     ddp_static_graph: bool = True
     """DDP's ``static_graph`` (the same parameters get gradients every step, which lets DDP skip
     per-step bookkeeping); used with ``train.grad_accum_steps: 1`` and without compile only."""

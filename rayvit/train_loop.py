@@ -402,17 +402,25 @@ def report_checkpoint(
     background (Ray Train's asynchronous upload, ``train.checkpoint_upload``): training goes on
     while the bucket is written; Ray Train registers the checkpoint once it is complete, and
     deletes the local copy."""
-    from ray.train import CheckpointUploadMode
-
     ckpt = None
     if rank == 0:
         folder = Path(tempfile.mkdtemp(prefix="rayvit-ckpt-"))
         save_training_checkpoint(folder, model, pre, optimizer, scheduler, epoch, metrics, cfg)  # type: ignore[arg-type]
         ckpt = ray.train.Checkpoint.from_directory(str(folder))
-    mode = CheckpointUploadMode.ASYNC if cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
     ray.train.report(
-        metrics, checkpoint=ckpt, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
+        metrics,
+        checkpoint=ckpt,
+        checkpoint_upload_mode=upload_mode(cfg),
+        delete_local_checkpoint_after_upload=True,
     )
+
+
+def upload_mode(cfg: Config) -> Any:
+    """Ray Train's upload mode for ``train.checkpoint_upload``; every report of a run uses it,
+    since Ray keeps reports in order and a synchronous one waits for the uploads before it."""
+    from ray.train import CheckpointUploadMode
+
+    return CheckpointUploadMode.ASYNC if cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
 
 
 def train_step(
@@ -666,7 +674,10 @@ class _Progress:
         return metrics
 
     def report(self, *args: Any) -> None:
-        ray.train.report(self.metrics(*args))
+        # A metrics-only report waits for the reports before it to land; in the upload's own mode
+        # it waits in the upload thread, so an epoch's upload still in flight does not stall the
+        # step here.
+        ray.train.report(self.metrics(*args), checkpoint_upload_mode=upload_mode(self.cfg))
 
     def _log(self, m: dict[str, Any]) -> None:
         if self.rank != 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cluster_support import S3Server, s3_server  # noqa: F401  # a fixture
 from conftest import DATA_DIR, ROOT, TINY, require_data, run_train_cli, tiny_config, train_cli_argv
 from support import TEARDOWN, in_session, kill_processes
 
@@ -299,3 +300,53 @@ def test_a_tiny_run_learns_and_a_lost_worker_resumes_from_its_checkpoint(
     # measured: val 0.282 and test 0.282 against baselines of 0.116 and 0.109
     assert summary.metrics["val_accuracy"] >= max(0.22, 2 * val_baseline), summary.metrics
     assert summary.metrics["test_accuracy"] >= max(0.2, 2 * test_baseline), summary.metrics
+
+
+@pytest.mark.slow
+def test_a_slow_bucket_does_not_hold_training_up(s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    """Each epoch's checkpoint goes to the bucket through a 1 MB/s link, where one upload takes
+    longer than an epoch: with the asynchronous upload, epoch 2 (and its mid-epoch report, which
+    Ray keeps behind epoch 1's upload) runs while epoch 1's checkpoint is still on its way, and
+    both checkpoints land whole."""
+    from bench.checkpoint_upload import SlowProxy
+
+    rate = 1e6
+    proxy = SlowProxy(int(s3_server.endpoint.rsplit(":", 1)[1]), rate)
+    prefix = "slow-link"
+    out = run_train_cli(
+        [
+            *TINY,
+            f"output_dir=s3://{s3_server.bucket}/{prefix}",
+            f"storage.endpoint_url=http://127.0.0.1:{proxy.port}",
+            "model.arch.hidden_size=128",  # ~0.6 M parameters: a 7 MB checkpoint with AdamW's state
+            "model.arch.num_hidden_layers=4",
+            "model.arch.num_attention_heads=4",
+            "model.arch.intermediate_size=256",
+            "train.epochs=2",
+            "train.evals_per_epoch=2",
+            "train.keep_checkpoints=2",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=1",
+            "wandb.mode=disabled",
+        ]
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    listed = (
+        s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+    )
+    sizes = {o["Key"]: o["Size"] for page in listed for o in page.get("Contents", [])}
+    checkpoints: dict[int, tuple[float, int]] = {}  # epoch: (elapsed_s, bytes)
+    for key in sizes:
+        if re.search(r"/checkpoint_[^/]+/metrics\.json$", key):
+            folder = key.rsplit("/", 1)[0] + "/"
+            metrics = json.loads(s3_server.get(key))
+            names = {k.rsplit("/", 1)[1]: n for k, n in sizes.items() if k.startswith(folder)}
+            assert names["model.safetensors"] > 1e6 and names["training_state.pt"] > 2e6, names
+            checkpoints[int(metrics["epoch"])] = (float(metrics["elapsed_s"]), sum(names.values()))
+    assert sorted(checkpoints) == [1, 2], sorted(sizes)
+    upload_s = checkpoints[1][1] / rate
+    epoch_2_s = checkpoints[2][0] - checkpoints[1][0]
+    print(f"epoch 2: {epoch_2_s:.1f} s; epoch 1's upload at {rate / 1e6:g} MB/s: {upload_s:.1f} s")
+    assert upload_s > 5, checkpoints  # the link really is slower than an epoch
+    # A report that waited for epoch 1's upload would make epoch 2 last at least the upload.
+    assert epoch_2_s < upload_s / 2, (epoch_2_s, upload_s)
