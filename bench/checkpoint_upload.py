@@ -229,12 +229,13 @@ def main() -> None:
         server_cpu_s = server_cpu() - cpu0
         storage = Storage.from_setting(cfg.output_dir, cfg.storage.endpoint_url)
         times = epoch_times(storage)
+        whole, mb = complete(storage)
         runs[mode].append(
             {
                 "epoch_s": times,
                 "mean_epoch_s": sum(times) / max(1, len(times)),
-                "complete": complete(storage)[0],
-                "mb": complete(storage)[1],
+                "complete": whole,
+                "mb": mb,
                 "job_s": time.perf_counter() - t0,
                 "server_cpu_s": server_cpu_s,
             }

@@ -415,12 +415,11 @@ def report_checkpoint(
     )
 
 
-def upload_mode(cfg: Config) -> Any:
+def upload_mode(cfg: Config) -> ray.train.CheckpointUploadMode:
     """Ray Train's upload mode for ``train.checkpoint_upload``; every report of a run uses it,
     since Ray keeps reports in order and a synchronous one waits for the uploads before it."""
-    from ray.train import CheckpointUploadMode
-
-    return CheckpointUploadMode.ASYNC if cfg.train.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
+    mode = ray.train.CheckpointUploadMode
+    return mode.ASYNC if cfg.train.checkpoint_upload == "async" else mode.SYNC
 
 
 def train_step(

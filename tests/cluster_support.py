@@ -47,8 +47,12 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials())
 
     def keys(self, prefix: str = "") -> list[str]:
+        return list(self.sizes(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every key under ``prefix`` and its size in bytes."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
     def get(self, key: str) -> bytes:
         body: bytes = self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()

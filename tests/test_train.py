@@ -331,10 +331,7 @@ def test_a_slow_bucket_does_not_hold_training_up(s3_server: S3Server, tmp_path: 
         ]
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    listed = (
-        s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
-    )
-    sizes = {o["Key"]: o["Size"] for page in listed for o in page.get("Contents", [])}
+    sizes = s3_server.sizes(prefix)
     checkpoints: dict[int, tuple[float, int]] = {}  # epoch: (elapsed_s, bytes)
     for key in sizes:
         if re.search(r"/checkpoint_[^/]+/metrics\.json$", key):
