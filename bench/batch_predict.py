@@ -107,7 +107,8 @@ def ceiling(model_dir: Path, data: str, images: int, batch_size: int, top_k: int
 
 def job(
     model_dir: Path, data: str, images: int, args: argparse.Namespace, out: Path, actor_cpus: float
-) -> Any:
+) -> tuple[float, float]:
+    """One batch prediction job: images/s of the whole job and of its steady state (0: not measured)."""
     cfg = load_batch_config(
         [
             f"model_dir={model_dir}",
@@ -123,7 +124,8 @@ def job(
             "progress_s=1000",
         ]
     )
-    return run_batch(cfg, say=lambda line: None)
+    report = run_batch(cfg, say=lambda line: None)
+    return report["rows"] / report["wall_s"], report["steady_images_per_s"]
 
 
 def measure(
@@ -135,9 +137,9 @@ def measure(
         figures: dict[str, float] = {}
         for what in ("job", "ceiling")[:: 1 if rnd % 2 == 0 else -1]:
             if what == "job":
-                report = job(model, data, n, args, out.with_name(f"{out.name}-{rnd}"), actor_cpus)
-                figures["whole"] = report["rows"] / report["wall_s"]
-                figures["steady"] = report["steady_images_per_s"]
+                figures["whole"], figures["steady"] = job(
+                    model, data, n, args, out.with_name(f"{out.name}-{rnd}"), actor_cpus
+                )
             else:
                 figures["ceiling"] = ceiling(model, data, n, args.batch_size, 5)
         pairs.append(figures)
@@ -186,14 +188,13 @@ def main() -> None:
             cases.append(("quick model, 24 px", "quick.yaml", args.quick_images, 1, args.rounds))
         if not args.skip_heavy:
             cases.append(("ViT-B/16, 224 px", "train.yaml", args.heavy_images, cores, args.heavy_rounds))
-        for i, (name, config, n, actor_cpus, rounds) in enumerate(cases):
+        for name, config, n, actor_cpus, rounds in cases:
             model = export(config, Path(tmp) / config)
             data = imagefolder(args.data, Path(tmp) / f"images-{n}", n)
             out = Path(tmp) / f"out-{config}"
             first = None
-            if i == 0 and config == "quick.yaml":  # the first Ray Data job of this cluster
-                report = job(model, data, n, args, out.with_name(f"{out.name}-new"), actor_cpus)
-                first = report["rows"] / report["wall_s"]
+            if config == "quick.yaml":  # the first case: the first Ray Data job of this cluster
+                first, _ = job(model, data, n, args, out.with_name(f"{out.name}-new"), actor_cpus)
             m = measure(model, data, n, args, out, actor_cpus, rounds)
             rows.append(
                 {
