@@ -25,8 +25,10 @@ from rayvit.batch_predict import (
     JOB_FILE,
     PREDICTIONS,
     SUMMARY_FILE,
+    PredictBatch,
     _claim_output,
     _write,
+    actor_rows,
     load_batch_config,
 )
 from rayvit.config import DataConfig
@@ -240,3 +242,42 @@ def test_input_classes_the_model_lacks_mean_predictions_without_accuracy(tmp_pat
     assert other.truth_map is None and "classes ['a', 'b'] are not the model's labels" in other.note
     with pytest.raises(UserError, match="no 'val' split"):
         plan_input(load_batch_config([*args, "split=val"]), ("a", "b"))
+
+
+def test_a_model_actor_task_runs_in_model_batches_without_the_error_rows(tmp_path: Path) -> None:
+    """A task holds several model batches (up to ``actor_rows`` images): each good row gets what
+    the ``Predictor`` gives for its image alone; error rows stay out of every model batch."""
+    import torch
+
+    from rayvit.checkpoint import save_model_folder
+    from rayvit.config import load_config
+    from rayvit.model import build_model, build_preprocessor
+
+    cfg = load_config(ROOT / "configs" / "quick.yaml", ["model.pretrained=null"])
+    torch.manual_seed(0)
+    save_model_folder(build_model(cfg.model, ["a", "b", "c"]), build_preprocessor(cfg.model), tmp_path / "m")
+    actor = PredictBatch(str(tmp_path / "m"), str(tmp_path / "cache"), None, top_k=2, batch_size=3)
+    side = actor.predictor.pre.image_size
+    images = np.random.default_rng(0).integers(0, 256, (8, side, side, 3), dtype=np.uint8)
+    error = np.array(["", "bad", "", "", "", "bad", "", ""], dtype=object)
+    out = actor(
+        {
+            "image": images,
+            "error": error,
+            "index": np.arange(8),
+            "source": np.array([f"f{i}" for i in range(8)], dtype=object),
+            "split": np.full(8, "test", dtype=object),
+            "label": np.full(8, -1),
+        }
+    )
+    for i, img in enumerate(images):
+        if error[i]:
+            assert out["pred"][i] == -1 and not out["top_p"][i].any()
+            continue
+        alone = actor.predictor.probabilities([img])[0].topk(2)
+        assert out["top_i"][i].tolist() == alone.indices.tolist() and out["pred"][i] == alone.indices[0]
+        np.testing.assert_allclose(out["top_p"][i], alone.values.numpy(), rtol=1e-4, atol=1e-6)
+    # Whole model batches, up to 1,024 images and 16 MiB; at least one model batch.
+    assert actor_rows(64, 24 * 24 * 3 + 256) == 1024
+    assert actor_rows(64, 224 * 224 * 3 + 256) == 64
+    assert actor_rows(256, 224 * 224 * 3 + 256) == 256
