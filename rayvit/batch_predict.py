@@ -48,7 +48,7 @@ ROW_OVERHEAD = 256
 MAX_BLOCK_BYTES = 16 * 1024 * 1024
 #: A model actor task's images at most (the model still runs ``batch_size`` at a time). Each task
 #: costs the actor its input and output blocks and a round trip, while the model waits: with
-#: tasks of 256 quick-model images, the actor spent 15-19% of its time between them.
+#: tasks of 256 quick-model images, the actor spent 13-30% of its time between them.
 ACTOR_TASK_ROWS = 1024
 
 
