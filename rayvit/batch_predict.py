@@ -333,7 +333,8 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
         "model": model.fingerprint,
     }
     side = model.side
-    rows = max(1, min(cfg.decode_batch_size, MAX_BLOCK_BYTES // (side * side * 3 + ROW_OVERHEAD)))
+    row_bytes = side * side * 3 + ROW_OVERHEAD
+    rows = max(1, min(cfg.decode_batch_size, MAX_BLOCK_BYTES // row_bytes))
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
     decode: Any = _decode
     items = ray.data.from_items(plan.units, override_num_blocks=max(1, len(plan.units)))
@@ -343,7 +344,7 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     ds = decode_tasks(items, decode, source, side, rows, cfg.decode_cpus)
     ds = ds.map_batches(
         PredictBatch,
-        batch_size=actor_rows(cfg.batch_size, side * side * 3 + ROW_OVERHEAD),
+        batch_size=actor_rows(cfg.batch_size, row_bytes),
         fn_constructor_kwargs={
             "model_dir": cfg.model_dir,
             "cache_dir": cfg.cache_dir or "~/.cache/rayvit",
@@ -359,7 +360,7 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     ds = ds.map_batches(
         write, batch_size=cfg.write_rows, fn_kwargs={"out": out, "job": job}, num_cpus=0.25, memory=0
     )
-    ds.context.target_max_block_size = rows * (side * side * 3 + ROW_OVERHEAD)
+    ds.context.target_max_block_size = rows * row_bytes
     no_memory_warnings(ds)
     return ds
 
