@@ -3,8 +3,9 @@
 For each model, the same CIFAR-10 training images (an imagefolder of their PNG files) and the
 same batch size:
 
-- job: ``rayvit.batch_predict.run_batch`` on a local Ray cluster: decode tasks, the model actor
-  pool, Parquet written into a temporary folder. Figures: the whole job (from the first block
+- job: ``rayvit.batch_predict.run_batch`` on a local Ray cluster: the model actor pool (one
+  actor holding every core; with no GPU it decodes its own units, Ray Data fusing the decode step
+  into its tasks), Parquet written into a temporary folder by write tasks. Figures: the whole job (from the first block
   asked for to the last file written, so with the actors' start and model loading) and its
   steady state (after the first results came back, files of the job's default 4096 rows).
 - ceiling: one process, every core: the same units read and decoded by the same function
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--quick-images", type=int, default=50_000)
     ap.add_argument("--heavy-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--decode-cpus", type=float, default=1.0)
+    ap.add_argument("--decode-cpus", type=float, default=1.0, help="a decode task's CPUs (GPU actors only)")
     ap.add_argument("--rounds", type=int, default=5, help="job/ceiling pairs of the quick model")
     ap.add_argument("--heavy-rounds", type=int, default=3, help="job/ceiling pairs of the heavy model")
     ap.add_argument("--skip-quick", action="store_true")
@@ -170,21 +171,19 @@ def main() -> None:
     quiet_libraries()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    # One logical CPU more than the cores: a decode task and a write task run beside a model
-    # actor that holds every core.
+    # One logical CPU more than the cores: write tasks run beside a model actor that holds every
+    # core (and decodes: on CPUs Ray Data fuses decoding into the actor's tasks).
     init_ray(RayConfig(num_cpus=cores + 1))
     from rayvit.data import quiet_ray_data
 
     quiet_ray_data()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # The model actor's CPUs (its torch threads): the quick model gets one core and leaves
-        # the other to decoding, which is a third of its work; ViT-B/16 gets every core, its
-        # decoding being a sliver of its time. Two threads beside a decode process lose more to
-        # waiting for each other than the second thread gives.
+        # The model actor's CPUs (its torch threads, and its decoding): every core, as the
+        # in-process loop has them.
         cases = []
         if not args.skip_quick:
-            cases.append(("quick model, 24 px", "quick.yaml", args.quick_images, 1, args.rounds))
+            cases.append(("quick model, 24 px", "quick.yaml", args.quick_images, cores, args.rounds))
         if not args.skip_heavy:
             cases.append(("ViT-B/16, 224 px", "train.yaml", args.heavy_images, cores, args.heavy_rounds))
         for name, config, n, actor_cpus, rounds in cases:

@@ -2,10 +2,10 @@
 
 The input is read by the training readers (``rayvit.readers``: hub-layout parquet, an imagefolder,
 a flat folder of images, a hub id; local or at a storage URI) and decoded by the one decode path
-(``decode_unit``) in CPU tasks; the model runs in an autoscaling pool of actors
-(``PredictBatch``, a callable class around ``Predictor``), on a GPU each when the cluster has
-them (bf16 there); small CPU tasks write each batch of result rows as a Parquet file under
-``<output>/predictions/`` as it comes. The driver only ever sees one small row of counts per
+(``decode_unit``); the model runs in an autoscaling pool of actors (``PredictBatch``, a callable
+class around ``Predictor``), on a GPU each when the cluster has them (bf16 there, decoding in CPU
+tasks of its own), else on their CPUs (decoding fused into their tasks); small CPU tasks write
+each batch of result rows as a Parquet file under ``<output>/predictions/`` as it comes. The driver only ever sees one small row of counts per
 written file: progress, and the confusion matrix when the input has labels.
 
 A file that cannot be read or decoded becomes a row with its reason in ``error``; the job goes
@@ -46,9 +46,10 @@ OUTPUTS = (PREDICTIONS, SUMMARY_FILE, "metrics.json", "confusion.json", "confusi
 #: Bytes of a decoded row besides its pixels (label, index, source, error).
 ROW_OVERHEAD = 256
 MAX_BLOCK_BYTES = 16 * 1024 * 1024
-#: A model actor task's images at most (the model still runs ``batch_size`` at a time). Each task
-#: costs the actor its input and output blocks and a round trip, while the model waits: with
-#: tasks of 256 quick-model images, the actor spent 13-30% of its time between them.
+#: A GPU model actor task's images at most (the model still runs ``batch_size`` at a time). Each
+#: task costs the actor its input and output blocks and a round trip, while the model waits: with
+#: tasks of 256 quick-model images fed by decode tasks, the actor spent 13-30% of its time between
+#: them. (On CPUs a task is one unit, decoded in the task itself.)
 ACTOR_TASK_ROWS = 1024
 
 
@@ -75,11 +76,14 @@ class BatchConfig(_Section):
     num_gpus: float | None = Field(None, ge=0.0)
     """GPUs of one model actor (fractions share a GPU); null = 1 when the cluster has GPUs, else 0."""
     actor_cpus: float = Field(1.0, ge=0.0)
-    """Logical CPUs of one model actor (its torch threads on a CPU)."""
+    """Logical CPUs of one model actor (its torch threads on a CPU). Without GPUs the actor also
+    decodes its images: give it the cores of a node, or of a share of one."""
     decode_cpus: float = Field(1.0, gt=0.0)
-    """Logical CPUs of one decode task."""
+    """Logical CPUs of one decode task, when the model actors have GPUs (without GPUs decoding
+    runs in the actors' own tasks)."""
     decode_batch_size: PositiveInt = 256
-    """Images per block that a decode task yields (at most 16 MiB of them)."""
+    """Images per block that decoding yields (at most 16 MiB of them; without GPUs, whole model
+    batches)."""
     write_rows: PositiveInt = 4096
     """Result rows per written Parquet file (and per progress update)."""
     top_k: PositiveInt = 5
@@ -336,15 +340,21 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
     row_bytes = side * side * 3 + ROW_OVERHEAD
     rows = max(1, min(cfg.decode_batch_size, MAX_BLOCK_BYTES // row_bytes))
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+    on_gpu = num_gpus > 0
+    if not on_gpu and rows > cfg.batch_size:  # the actor's own blocks: whole model batches
+        rows -= rows % cfg.batch_size
     decode: Any = _decode
     items = ray.data.from_items(plan.units, override_num_blocks=max(1, len(plan.units)))
-    # Training's decode step. Its ``memory=0``, a remote argument the actors do not have, also
-    # keeps Ray Data from fusing decoding into them where both ask for the same CPUs: the model
-    # never waits on decoding.
-    ds = decode_tasks(items, decode, source, side, rows, cfg.decode_cpus)
+    # Training's decode step. With GPUs it runs in CPU tasks of its own, so the device never
+    # waits on decoding: its ``memory=0``, a remote argument the actors lack, keeps Ray Data
+    # from fusing it into them. Without GPUs the actors' cores are the device: the same CPUs and
+    # ``memory=0`` on both let Ray Data fuse decoding into the actor's tasks, a unit each, which
+    # decode and then run the model on their own cores, as the in-process loop does. A decode
+    # process beside the actor only took turns with it on the same cores (docs/batch.md).
+    ds = decode_tasks(items, decode, source, side, rows, cfg.decode_cpus if on_gpu else cfg.actor_cpus)
     ds = ds.map_batches(
         PredictBatch,
-        batch_size=actor_rows(cfg.batch_size, row_bytes),
+        batch_size=actor_rows(cfg.batch_size, row_bytes) if on_gpu else None,
         fn_constructor_kwargs={
             "model_dir": cfg.model_dir,
             "cache_dir": cfg.cache_dir or "~/.cache/rayvit",
@@ -355,6 +365,7 @@ def build_dataset(cfg: BatchConfig, plan: Plan, model: ModelInfo, out: Storage) 
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         num_cpus=cfg.actor_cpus,
         num_gpus=num_gpus,
+        **({} if on_gpu else {"memory": 0}),
     )
     write: Any = _write
     ds = ds.map_batches(

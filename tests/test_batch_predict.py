@@ -281,3 +281,32 @@ def test_a_model_actor_task_runs_in_model_batches_without_the_error_rows(tmp_pat
     assert actor_rows(64, 24 * 24 * 3 + 256) == 1024
     assert actor_rows(64, 224 * 224 * 3 + 256) == 64
     assert actor_rows(256, 224 * 224 * 3 + 256) == 256
+
+
+def test_decoding_runs_in_the_model_actors_on_cpus_and_in_tasks_of_its_own_beside_gpus(
+    ray_cluster: None, tiny_models: Models, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without GPUs the actors' cores decode and then run the model (Ray Data fuses the two
+    steps, a unit a task); with GPUs decoding stays in CPU tasks, so the device never waits."""
+    from rayvit.batch_predict import build_dataset, model_info, plan_input
+
+    write_cifar_imagefolder(tmp_path / "in", "test", 20)
+    folder = tmp_path / "in"
+    plans = {}
+    for gpus in ("0", "0.5"):
+        cfg = load_batch_config(
+            [
+                f"model_dir={tiny_models.a}",
+                f"input={folder}",
+                f"output={tmp_path / 'out'}",
+                f"num_gpus={gpus}",
+            ]
+        )
+        model = model_info(cfg)
+        ds = build_dataset(cfg, plan_input(cfg, model.labels), model, Storage.from_setting(cfg.output))
+        capsys.readouterr()
+        ds.explain()
+        plans[gpus] = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(_decode)->MapBatches(PredictBatch)]" in plans["0"], plans["0"]
+    assert "TaskPoolMapOperator[MapBatches(_decode)]" in plans["0.5"], plans["0.5"]
+    assert "ActorPoolMapOperator[MapBatches(PredictBatch)]" in plans["0.5"], plans["0.5"]
