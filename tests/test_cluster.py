@@ -95,7 +95,8 @@ def test_batch_prediction_runs_on_autoscaled_nodes_from_bucket_to_bucket(
     assert summary["rows"] == 61 and summary["errors"] == 1 and "accuracy" in summary
     assert any(k.startswith("batch/out/predictions/part-") for k in s3_server.keys("batch/out/"))
     (head,) = [n["node_id"] for n in fake_cluster.nodes() if n["is_head_node"]]
-    actors = fake_cluster.actors("MapWorker(MapBatches(PredictBatch))")
+    # No GPUs: decoding is fused into the model actors' tasks.
+    actors = fake_cluster.actors("MapWorker(MapBatches(_decode)->MapBatches(PredictBatch))")
     assert actors and head not in {a["node_id"] for a in actors}, actors
     print(
         f"\nbatch prediction on the fake cluster: {run.duration_s:.0f}s, {summary['images_per_s']} images/s"
