@@ -5,8 +5,8 @@ same batch size:
 
 - job: ``rayvit.batch_predict.run_batch`` on a local Ray cluster: the model actor pool (one
   actor holding every core; with no GPU it decodes its own units, Ray Data fusing the decode step
-  into its tasks), Parquet written into a temporary folder by write tasks. Figures: the whole job (from the first block
-  asked for to the last file written, so with the actors' start and model loading) and its
+  into its tasks), Parquet written into a temporary folder by write tasks. Figures: the whole
+  job (from the first block asked for to the last file written, so with the actors' start and model loading) and its
   steady state (after the first results came back, files of the job's default 4096 rows).
 - ceiling: one process, every core: the same units read and decoded by the same function
   (``decode_unit``), then ``Predictor.probabilities`` and top-k in batches; nothing written.

@@ -5,8 +5,9 @@ a flat folder of images, a hub id; local or at a storage URI) and decoded by the
 (``decode_unit``); the model runs in an autoscaling pool of actors (``PredictBatch``, a callable
 class around ``Predictor``), on a GPU each when the cluster has them (bf16 there, decoding in CPU
 tasks of its own), else on their CPUs (decoding fused into their tasks); small CPU tasks write
-each batch of result rows as a Parquet file under ``<output>/predictions/`` as it comes. The driver only ever sees one small row of counts per
-written file: progress, and the confusion matrix when the input has labels.
+each batch of result rows as a Parquet file under ``<output>/predictions/`` as it comes. The
+driver only ever sees one small row of counts per written file: progress, and the confusion
+matrix when the input has labels.
 
 A file that cannot be read or decoded becomes a row with its reason in ``error``; the job goes
 on. Reruns are safe: ``<output>/job.json`` names the model and input the output belongs to; the
