@@ -387,6 +387,9 @@ class Summary:
     wall_s: float
     steady_images_per_s: float
     """After the first results: without the start of actors and the loading of the model."""
+    first_results_s: float
+    """Until the first results were written: mostly the model actors' start (a new process,
+    importing torch and the model's library, loading the model), a fixed cost of every job."""
     confusion: np.ndarray | None
 
 
@@ -481,7 +484,7 @@ def _stream(ds: Any, total: int, num_labels: int, every_s: float, say: Any) -> S
     end = time.monotonic()
     # A rate after the first results needs a few more of them (0: not measured).
     steady = (rows - first[1]) / (end - first[0]) if first and parts > 3 and end > first[0] else 0.0
-    return Summary(rows, errors, end - t0, steady, cm)
+    return Summary(rows, errors, end - t0, steady, first[0] - t0 if first else 0.0, cm)
 
 
 def _report(
@@ -495,6 +498,7 @@ def _report(
         "wall_s": round(summary.wall_s, 2),
         "images_per_s": round(summary.rows / max(summary.wall_s, 1e-9), 1),
         "steady_images_per_s": round(summary.steady_images_per_s, 2),
+        "first_results_s": round(summary.first_results_s, 2),
         "driver_peak_rss_mib": round(peak_rss_mib(), 1),
         "output": out.root,
     }
@@ -535,7 +539,8 @@ def peak_rss_mib() -> float:
 def _summary_line(report: dict[str, Any]) -> str:
     acc = f", accuracy {report['accuracy']:.4f}" if "accuracy" in report else ""
     return (
-        f"done: {report['rows']} images in {report['wall_s']:.1f}s ({report['images_per_s']} images/s), "
+        f"done: {report['rows']} images in {report['wall_s']:.1f}s ({report['images_per_s']} images/s, "
+        f"the first after {report['first_results_s']:.1f}s), "
         f"{report['errors']} errors{acc}; driver peak RSS {report['driver_peak_rss_mib']:.0f} MiB; "
         f"predictions in {report['output']}/{PREDICTIONS}"
     )

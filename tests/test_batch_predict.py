@@ -189,6 +189,7 @@ def test_cifar_subset_with_bad_files_matches_the_offline_predictor(
     assert "done: 1005 images" in proc.stdout and "5 errors" in proc.stdout, proc.stdout
     report = json.loads(s3_server.get("batch/cifar/summary.json"))
     assert report["rows"] == 1005 and report["errors"] == 5 and report["predicted"] == 1000
+    assert 0 < report["first_results_s"] <= report["wall_s"], report
 
     fs = Storage.from_setting(output, s3_server.endpoint).filesystem()
     table = pads.dataset(
