@@ -388,7 +388,7 @@ class Summary:
     steady_images_per_s: float
     """After the first results: without the start of actors and the loading of the model."""
     first_results_s: float
-    """Until the first results were written: mostly the model actors' start (a new process,
+    """Until the driver had the first results: mostly the model actors' start (a new process,
     importing torch and the model's library, loading the model), a fixed cost of every job."""
     confusion: np.ndarray | None
 
