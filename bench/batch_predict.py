@@ -24,8 +24,8 @@ actor location tracker, which outlive the job): that figure is printed beside th
 against the median ceiling.
 
 Models: the quick recipe's (``configs/quick.yaml``, 24 px, untrained) on each of ``--quick-images``
-(50,000 images, a job of about 25 s, and 200,000, about 90 s: the fixed start is a smaller share of
-the longer job, which is as long as the heavy model's) and a compute-heavy one, ViT-B/16 at 224 px
+(50,000 images, a job of about 33 s, and 200,000, about 125 s: the fixed start is a smaller share
+of the longer job, close in length to the heavy model's) and a compute-heavy one, ViT-B/16 at 224 px
 untrained (``configs/train.yaml`` from scratch), on ``--heavy-images``. Goal: job >= 0.8x the
 ceiling (quick) and >= 0.9x (heavy).
 
@@ -213,9 +213,10 @@ def main() -> None:
                     "rounds": rounds,
                     "job_images_per_s": round(m["whole"], 2),
                     "job_images_per_s_new_cluster": round(first, 2) if first else "-",
-                    # 0: too few written files to tell a rate after the first ones
+                    # 0: too few written files to tell a rate after the first ones (and then
+                    # the first results are all of them: no start to tell apart either)
                     "job_steady_images_per_s": round(m["steady"], 2) or "-",
-                    "first_results_s": round(m["first_s"], 2),
+                    "first_results_s": round(m["first_s"], 2) if m["steady"] else "-",
                     "ceiling_images_per_s": round(m["ceiling"], 2),
                     "ratio_whole": round(statistics.median(m["ratios"]), 3),
                     "ratio_whole_pairs": [round(r, 3) for r in m["ratios"]],
@@ -225,7 +226,7 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
     print(
-        "\n| model | images | job img/s: whole (new cluster) / steady | first results after | "
+        "\n| model | images | job img/s: whole (new cluster) / steady | first results after s | "
         "in-process ceiling img/s | ratio whole: median of the pairs (pairs; new cluster) / steady |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
@@ -233,7 +234,7 @@ def main() -> None:
         pairs = ", ".join(f"{x:.3f}" for x in r["ratio_whole_pairs"])
         print(
             f"| {r['model']} | {r['images']} | {r['job_images_per_s']} ({r['job_images_per_s_new_cluster']}) / "
-            f"{r['job_steady_images_per_s']} | {r['first_results_s']} s | {r['ceiling_images_per_s']} | "
+            f"{r['job_steady_images_per_s']} | {r['first_results_s']} | {r['ceiling_images_per_s']} | "
             f"{r['ratio_whole']} ({pairs}; {r['ratio_whole_new_cluster']}) / {r['ratio_steady']} |"
         )
     print(

@@ -130,7 +130,7 @@ def decode_tasks(items: Any, decode: Any, source: Source, side: int, rows: int, 
     return items.map_batches(
         decode,
         batch_size=1,
-        fn_kwargs={"source": source, "side": side, "block_rows": rows},
+        fn_kwargs={"source": source.for_tasks(), "side": side, "block_rows": rows},
         num_cpus=num_cpus,
         memory=0,
     )

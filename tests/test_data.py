@@ -109,6 +109,41 @@ def _hub_parquet(root: Path, n: int = 40) -> Path:
     return root
 
 
+def test_decode_tasks_get_the_source_without_its_listing_and_decode_the_same(tmp_path: Path) -> None:
+    """What travels into every decode task (and a fused model actor's constructor) stays small
+    however many files the source lists, and decodes every unit as the whole source does."""
+    import ray.cloudpickle as cloudpickle
+    from PIL import Image
+
+    from rayvit.readers import decode_unit, open_source, units_for
+
+    for n in (4, 400):
+        folder = tmp_path / f"folder-{n}"
+        for i in range(n):
+            (folder / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 10), (i % 256, 7, 9)).save(folder / "train" / f"c{i % 2}" / f"{i:04d}.png")
+    sources = {
+        "imagefolder": open_source(DataConfig(path=str(tmp_path / "folder-400"), cache_dir=None)),
+        "parquet": open_source(DataConfig(path=str(_hub_parquet(tmp_path / "hub")), cache_dir=None)),
+    }
+    for kind, source in sources.items():
+        lean = source.for_tasks()
+        assert lean.kind == kind and lean.class_names == source.class_names and not lean.splits
+        for unit in units_for(source, "train", np.arange(source.split("train").num_rows)):
+            for full, small in zip(
+                decode_unit(unit, source, 8, 16, errors=True),
+                decode_unit(unit, lean, 8, 16, errors=True),
+                strict=True,
+            ):
+                assert set(full) == set(small), kind
+                for key in full:
+                    assert np.array_equal(full[key], small[key]), (kind, key)
+    few = open_source(DataConfig(path=str(tmp_path / "folder-4"), cache_dir=None))
+    many = sources["imagefolder"]
+    assert len(cloudpickle.dumps(many)) > 20 * len(cloudpickle.dumps(few))  # the listing grows
+    assert len(cloudpickle.dumps(many.for_tasks())) < 2000 and len(cloudpickle.dumps(few.for_tasks())) < 2000
+
+
 def test_parquet_at_a_storage_uri_reads_as_the_local_folder(s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
     local = _hub_parquet(tmp_path / "hub")
     for f in sorted(local.rglob("*.parquet")):
