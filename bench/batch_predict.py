@@ -24,8 +24,8 @@ actor location tracker, which outlive the job): that figure is printed beside th
 against the median ceiling.
 
 Models: the quick recipe's (``configs/quick.yaml``, 24 px, untrained) on each of ``--quick-images``
-(50,000 images, a job of about 33 s, and 200,000, about 125 s: the fixed start is a smaller share
-of the longer job, close in length to the heavy model's) and a compute-heavy one, ViT-B/16 at 224 px
+(50,000 images, a job of 26-33 s on 2 cores, and 200,000, 90-125 s: the fixed start is a smaller
+share of the longer job, which is about as long as the heavy model's) and a compute-heavy one, ViT-B/16 at 224 px
 untrained (``configs/train.yaml`` from scratch), on ``--heavy-images``. Goal: job >= 0.8x the
 ceiling (quick) and >= 0.9x (heavy).
 
