@@ -25,9 +25,9 @@ against the median ceiling.
 
 Models: the quick recipe's (``configs/quick.yaml``, 24 px, untrained) on each of ``--quick-images``
 (50,000 images, a job of 26-33 s on 2 cores, and 200,000, 90-125 s: the fixed start is a smaller
-share of the longer job, which is about as long as the heavy model's) and a compute-heavy one, ViT-B/16 at 224 px
-untrained (``configs/train.yaml`` from scratch), on ``--heavy-images``. Goal: job >= 0.8x the
-ceiling (quick) and >= 0.9x (heavy).
+share of the longer job, which is about as long as the heavy model's) and a compute-heavy one,
+ViT-B/16 at 224 px untrained (``configs/train.yaml`` from scratch), on ``--heavy-images``. Goal:
+job >= 0.8x the ceiling (quick) and >= 0.9x (heavy).
 
 Run: ``python bench/batch_predict.py [--data DIR] [--quick-images N [N ...]] [--heavy-images N]
 [--rounds N] [--heavy-rounds N] [--skip-quick] [--skip-heavy]``.
@@ -191,14 +191,17 @@ def main() -> None:
             cases += [("quick model, 24 px", "quick.yaml", n, cores, args.rounds) for n in args.quick_images]
         if not args.skip_heavy:
             cases.append(("ViT-B/16, 224 px", "train.yaml", args.heavy_images, cores, args.heavy_rounds))
-        folders: dict[tuple[str, int], str] = {}
+        # One model and one image folder a config, of its largest job: smaller jobs take the
+        # folder's first images (``limit``).
+        most: dict[str, int] = {}
+        for _, config, n, _, _ in cases:
+            most[config] = max(n, most.get(config, 0))
+        inputs = {
+            c: (export(c, Path(tmp) / c), imagefolder(args.data, Path(tmp) / f"images-{c}", k))
+            for c, k in most.items()
+        }
         for i, (name, config, n, actor_cpus, rounds) in enumerate(cases):
-            model = export(config, Path(tmp) / config)
-            # One folder a model, of its largest job: smaller jobs take its first images (``limit``).
-            most = max(c[2] for c in cases if c[1] == config)
-            if (config, most) not in folders:
-                folders[config, most] = imagefolder(args.data, Path(tmp) / f"images-{config}-{most}", most)
-            data = folders[config, most]
+            model, data = inputs[config]
             out = Path(tmp) / f"out-{config}-{n}"
             first = None
             if i == 0 and config == "quick.yaml":  # the first Ray Data job of this cluster
