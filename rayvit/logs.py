@@ -118,6 +118,14 @@ def quiet_libraries() -> None:
     # gradient with its bucket's, including a size-1 dimension whose stride means nothing: a
     # ConvNeXt warned once per worker about nothing.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # Ray Data's iter_torch_batches gives torch zero-copy views of the object store's read-only
+    # memory and hides torch's warning about it inside ``warnings.catch_warnings()``, which is
+    # not thread-safe: with its prefetch threads converting batches side by side, one thread
+    # restores the filters while another converts, and the warning (with a second line, its
+    # source) reached a sweep's output once per worker. A filter set here, before any batch,
+    # is part of every state those threads restore. The loop only reads its batches (slices,
+    # gathers, preprocessing into new tensors), never writes them in place.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     _quiet_ray()
 
 

@@ -22,9 +22,9 @@ def test_a_short_run_exits_cleanly(tmp_path: Path) -> None:
     assert out.stdout.strip().splitlines()[-1].startswith(f"exported: {tmp_path / 'run' / 'best'}")
 
 
-def _python(script: str) -> subprocess.CompletedProcess[str]:
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``script`` run by a fresh interpreter, as a Ray worker process starts."""
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_a_prefetch_cut_off_by_a_stopping_worker_prints_nothing() -> None:
@@ -46,6 +46,28 @@ def test_a_prefetch_cut_off_by_a_stopping_worker_prints_nothing() -> None:
     assert done.returncode == 0, done.stderr
     assert "Failed to read data from the socket" not in done.stderr, done.stderr
     assert done.stderr.count("Error in prefetcher thread.") == 1 and "ValueError: other" in done.stderr
+
+
+def test_torch_s_read_only_batch_warning_is_dropped_in_the_job_s_processes() -> None:
+    """Ray Data hides torch's warning about a batch in the object store's read-only memory in a
+    ``catch_warnings()`` that its converting threads race on; it reached a sweep's output. The
+    job's processes drop it; a fresh process without their setup still prints it."""
+    script = (
+        "import sys, warnings\n"
+        "import numpy as np, torch\n"
+        "if sys.argv[1:] == ['quiet']:\n"
+        "    from rayvit.logs import quiet_libraries\n"
+        "    quiet_libraries()\n"
+        "a = np.zeros((2, 3), np.uint8)\n"
+        "a.setflags(write=False)\n"
+        "torch.as_tensor(a)\n"
+        "warnings.warn('another warning still shown')\n"
+    )
+    for mode in ("plain", "quiet"):
+        done = _python(script, mode)
+        assert done.returncode == 0, done.stderr
+        assert ("The given NumPy array is not writable" in done.stderr) == (mode == "plain"), done.stderr
+        assert "another warning still shown" in done.stderr
 
 
 def test_a_worker_killed_while_it_unpickles_a_dataset_prints_nothing() -> None:
